@@ -1,0 +1,1 @@
+"""Exercise checkers: `course_lib.check.<name>(candidate)` checks your version of `course_lib.<name>`."""
