@@ -1,14 +1,20 @@
-"""course_lib: the library the course's notebooks build, one chapter at a time.
+"""Build a Llama-style language model from scratch, one notebook at a time: the course's companion library
 
-This file is an index, written by hand: it only re-exports the public API. Every other module
-except `check.py` is generated from `notebooks/` by nbdev; edit the notebook, not the module.
-"""
+Modules:
+
+- `course_lib.check`: Exercise checkers: `course_lib.check.<name>(candidate)` checks your version of `course_lib.<name>`."""
+
+# This file is an index, written by hand (nbdev writes only the docstring above): it re-exports
+# the public API that homework and graders use. Every other module except check.py is generated
+# from notebooks/ by nbdev: edit the notebook, not the module.
 __version__ = "0.1.0"
 
-# from .tokenizer import BPE, Tokenizer  (added when chapter 01 lands)
-from .rmsnorm import RMSNorm
-from .rope import (precompute_freqs_cis, apply_rotary_emb, precompute_cos_sin, rotate_half,
+from .tokenizer import get_pair_counts, merge_pair, BPE, train_sentencepiece, Tokenizer     # 01
+from .rmsnorm import rms_norm, RMSNorm                                                       # 02
+from .rope import (precompute_freqs_cis, apply_rotary_emb, precompute_cos_sin, rotate_half,  # 03
                    apply_rotary_emb_hf, permute_meta_to_hf, permute_hf_to_meta)
-from .attention import causal_mask, scaled_dot_product, repeat_kv, kv_cache_bytes, KVCache, Attention
-from .feed_forward import llama_hidden_dim, FeedForward
-from .model import ModelArgs, PRESETS, TransformerBlock, Transformer, count_parameters, args_from_hf_config, from_hf
+from .attention import causal_mask, scaled_dot_product, repeat_kv, kv_cache_bytes, KVCache, Attention  # 04
+from .feed_forward import llama_hidden_dim, FeedForward                                      # 05
+from .model import (ModelArgs, PRESETS, TransformerBlock, Transformer, count_parameters,    # 06
+                    args_from_hf_config, from_hf)
+from . import check

@@ -1,0 +1,339 @@
+"""Chapter 04 (course_lib.attention) against independent references: PyTorch's
+scaled_dot_product_attention and repeat_interleave, transformers' LlamaAttention, published sizes."""
+import re
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from course_lib.attention import (Attention, KVCache, causal_mask, check_causal_mask, check_repeat_kv,
+                                  check_scaled_dot_product, kv_cache_bytes, repeat_kv, scaled_dot_product)
+from course_lib.rope import permute_meta_to_hf, precompute_freqs_cis
+
+
+def randn(*shape, seed=0, dtype=torch.float32):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+# ---------------------------------------------------------------- causal_mask
+
+@pytest.mark.parametrize("seq_len,start_pos", [(1, 0), (4, 0), (3, 5), (1, 7), (6, 2)])
+def test_causal_mask_matches_tril(seq_len, start_pos):
+    allowed = torch.ones(seq_len, start_pos + seq_len, dtype=torch.bool).tril(diagonal=start_pos)
+    expected = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
+    mask = causal_mask(seq_len, start_pos)
+    assert mask.dtype == torch.float32
+    assert torch.equal(mask, expected)
+
+
+def test_causal_mask_accepts_integer_like():
+    assert torch.equal(causal_mask(np.int64(3), torch.tensor(2)), causal_mask(3, 2))
+
+
+def test_causal_mask_bad_input():
+    with pytest.raises(ValueError, match="seq_len must be >= 1, got 0"):
+        causal_mask(0)
+    with pytest.raises(ValueError, match="start_pos must be >= 0, got -1"):
+        causal_mask(2, -1)
+    with pytest.raises(TypeError, match="seq_len must be an int, got float"):
+        causal_mask(2.0)
+    with pytest.raises(TypeError, match="start_pos must be an int, got bool"):
+        causal_mask(2, True)
+
+
+# ---------------------------------------------------------------- scaled_dot_product
+
+def test_sdp_prompt_matches_torch_is_causal():
+    q, k, v = randn(2, 4, 7, 32, seed=1), randn(2, 4, 7, 32, seed=2), randn(2, 4, 7, 32, seed=3)
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(scaled_dot_product(q, k, v, causal_mask(7)), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seq,start_pos", [(3, 4), (1, 6), (5, 1)])
+def test_sdp_after_cached_tokens_matches_torch_attn_mask(seq, start_pos):
+    kv_len = start_pos + seq
+    q, k, v = randn(2, 3, seq, 16, seed=4), randn(2, 3, kv_len, 16, seed=5), randn(2, 3, kv_len, 16, seed=6)
+    allowed = torch.ones(seq, kv_len, dtype=torch.bool).tril(diagonal=start_pos)  # True = may attend
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    torch.testing.assert_close(scaled_dot_product(q, k, v, causal_mask(seq, start_pos)), expected,
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_sdp_decode_step_needs_no_mask():
+    q, k, v = randn(1, 2, 1, 8, seed=7), randn(1, 2, 9, 8, seed=8), randn(1, 2, 9, 8, seed=9)
+    torch.testing.assert_close(scaled_dot_product(q, k, v), F.scaled_dot_product_attention(q, k, v),
+                               atol=1e-6, rtol=1e-5)
+
+
+def test_sdp_keeps_dtype_and_precision():
+    q, k, v = (randn(1, 2, 5, 16, seed=s, dtype=torch.float64) for s in (10, 11, 12))
+    out = scaled_dot_product(q, k, v, causal_mask(5))
+    assert out.dtype == torch.float64  # softmax is not squeezed through float32
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=1e-12, rtol=0)
+    qh, kh, vh = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    out = scaled_dot_product(qh, kh, vh, causal_mask(5))
+    assert out.dtype == torch.bfloat16
+    expected = F.scaled_dot_product_attention(qh.float(), kh.float(), vh.float(), is_causal=True)
+    assert (out.float() - expected).abs().max().item() < 3e-2
+
+
+def test_sdp_bad_input():
+    q, k = randn(1, 6, 4, 8), randn(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="q has 6 heads but k and v have 2.*repeat_kv"):
+        scaled_dot_product(q, k, k)
+    with pytest.raises(ValueError, match=r"q must be 4-D .* got shape \(6, 4, 8\)"):
+        scaled_dot_product(q[0], k, k)
+    with pytest.raises(ValueError, match="k and v must have the same shape"):
+        scaled_dot_product(q, q, q[:, :, :3])
+    with pytest.raises(TypeError, match="mask must be an additive float tensor.*torch.bool"):
+        scaled_dot_product(q, q, q, causal_mask(4) == 0)
+    with pytest.raises(ValueError, match=r"mask of shape \(4, 5\) does not broadcast .*\(1, 6, 4, 4\)"):
+        scaled_dot_product(q, q, q, causal_mask(4, 1))
+
+
+# ---------------------------------------------------------------- repeat_kv
+
+@pytest.mark.parametrize("n_kv_heads,n_rep", [(2, 3), (3, 3), (1, 4), (4, 1), (8, 8)])
+def test_repeat_kv_matches_repeat_interleave(n_kv_heads, n_rep):
+    x = randn(2, 5, n_kv_heads, 8, seed=13)
+    assert torch.equal(repeat_kv(x, n_rep), x.repeat_interleave(n_rep, dim=2))
+
+
+def test_repeat_kv_with_attention_matches_torch_enable_gqa():
+    q = randn(2, 9, 6, 64, seed=14)                             # SmolLM2: 9 query heads
+    k, v = randn(2, 3, 6, 64, seed=15), randn(2, 3, 6, 64, seed=16)  # 3 K/V heads
+    expand = lambda t: repeat_kv(t.transpose(1, 2), 3).transpose(1, 2)
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(scaled_dot_product(q, expand(k), expand(v), causal_mask(6)), expected,
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_repeat_kv_n_rep_1_is_identity():
+    x = randn(1, 3, 4, 8)
+    assert repeat_kv(x, 1) is x
+
+
+def test_repeat_kv_bad_input():
+    with pytest.raises(ValueError, match="n_rep must be >= 1, got 0"):
+        repeat_kv(randn(1, 2, 2, 4), 0)
+    with pytest.raises(TypeError, match="n_rep must be an int, got float"):
+        repeat_kv(randn(1, 2, 2, 4), 1.5)
+    with pytest.raises(ValueError, match=r"x must be \(batch, seq, n_kv_heads, head_dim\), got shape \(2, 2, 4\)"):
+        repeat_kv(randn(2, 2, 4), 2)
+
+
+# ---------------------------------------------------------------- KVCache
+
+def test_kv_cache_prefill_then_decode_returns_everything():
+    cache = KVCache(max_batch_size=2, max_seq_len=10, n_kv_heads=2, head_dim=4)
+    xk, xv = randn(2, 6, 2, 4, seed=17), randn(2, 6, 2, 4, seed=18)
+    cache.update(0, xk[:, :4], xv[:, :4])
+    for pos in (4, 5):
+        keys, values = cache.update(pos, xk[:, pos:pos + 1], xv[:, pos:pos + 1])
+    assert torch.equal(keys, xk) and torch.equal(values, xv)
+    assert cache.length == 6 and cache.cache_k.shape == (2, 10, 2, 4)
+    assert "cache_k" not in cache.state_dict()  # generation state, not weights
+
+
+def test_kv_cache_bad_input():
+    cache = KVCache(max_batch_size=2, max_seq_len=8, n_kv_heads=2, head_dim=4)
+    one = torch.zeros(1, 1, 2, 4)
+    cache.update(0, torch.zeros(1, 3, 2, 4), torch.zeros(1, 3, 2, 4))
+    with pytest.raises(ValueError, match="start_pos=5 but only 3 positions are cached"):
+        cache.update(5, one, one)
+    with pytest.raises(ValueError, match=r"start_pos \+ seq = 3 \+ 6 = 9 exceeds max_seq_len=8"):
+        cache.update(3, torch.zeros(1, 6, 2, 4), torch.zeros(1, 6, 2, 4))
+    with pytest.raises(ValueError, match="batch size 3 exceeds the cache's max_batch_size=2"):
+        cache.update(0, torch.zeros(3, 1, 2, 4), torch.zeros(3, 1, 2, 4))
+    with pytest.raises(ValueError, match="batch size 2 differs from the cached sequence's 1"):
+        cache.update(3, torch.zeros(2, 1, 2, 4), torch.zeros(2, 1, 2, 4))
+    with pytest.raises(ValueError, match=r"xk must be \(batch, seq, n_kv_heads=2, head_dim=4\), got \(1, 1, 8, 4\)"):
+        cache.update(3, torch.zeros(1, 1, 8, 4), one)
+    with pytest.raises(ValueError, match="xk and xv must have the same shape"):
+        cache.update(3, one, torch.zeros(1, 2, 2, 4))
+    with pytest.raises(ValueError, match="max_seq_len must be >= 1, got 0"):
+        KVCache(1, 0, 2, 4)
+
+
+# ---------------------------------------------------------------- Attention vs transformers' LlamaAttention
+
+def make_pair(n_heads, n_kv_heads, dim=64, max_seq_len=32, seed=0):
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(hidden_size=dim, num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
+                                      max_position_embeddings=max_seq_len, rope_theta=10000.0,
+                                      attn_implementation="eager")
+    hf = LlamaAttention(config, layer_idx=0).eval()
+    ours = Attention(dim, n_heads, n_kv_heads, max_seq_len=max_seq_len).eval()
+    with torch.no_grad():  # HF's q/k rows are in rotate_half order
+        hf.q_proj.weight.copy_(permute_meta_to_hf(ours.wq.weight, n_heads))
+        hf.k_proj.weight.copy_(permute_meta_to_hf(ours.wk.weight, n_kv_heads))
+        hf.v_proj.weight.copy_(ours.wv.weight)
+        hf.o_proj.weight.copy_(ours.wo.weight)
+    rotary = LlamaRotaryEmbedding(config)
+
+    def hf_forward(x):  # one full causal pass, no cache
+        seq = x.shape[1]
+        cos_sin = rotary(x, torch.arange(seq)[None].expand(x.shape[0], seq))
+        return hf(x, cos_sin, attention_mask=causal_mask(seq)[None, None])[0]
+    return ours, hf_forward, precompute_freqs_cis(dim // n_heads, max_seq_len)
+
+
+@pytest.mark.parametrize("n_heads,n_kv_heads", [(4, 4), (8, 2), (8, 1)], ids=["mha", "gqa", "mqa"])
+def test_attention_matches_hf_llama_attention(n_heads, n_kv_heads):
+    ours, hf_forward, freqs_cis = make_pair(n_heads, n_kv_heads)
+    x = randn(2, 11, 64, seed=19)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, 0, freqs_cis[:11], causal_mask(11)), hf_forward(x), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("n_heads,n_kv_heads", [(4, 4), (8, 2)], ids=["mha", "gqa"])
+def test_attention_cached_decode_matches_hf_full_pass(n_heads, n_kv_heads):
+    ours, hf_forward, freqs_cis = make_pair(n_heads, n_kv_heads, seed=1)
+    x = randn(2, 12, 64, seed=20)
+    with torch.no_grad():
+        expected = hf_forward(x)
+        pieces = [ours(x[:, :3], 0, freqs_cis[:3], causal_mask(3)),                 # prefill 3
+                  ours(x[:, 3:6], 3, freqs_cis[3:6], causal_mask(3, start_pos=3))]  # a chunk of 3
+        for pos in range(6, 12):                                                    # then one at a time
+            pieces.append(ours(x[:, pos:pos + 1], pos, freqs_cis[pos:pos + 1]))
+        torch.testing.assert_close(torch.cat(pieces, dim=1), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_attention_bad_input():
+    with pytest.raises(ValueError, match="n_heads=6 must divide dim=64"):
+        Attention(64, 6)
+    with pytest.raises(ValueError, match="n_heads=8 must be a multiple of n_kv_heads=3"):
+        Attention(64, 8, 3)
+    attention = Attention(64, 8, 2, max_seq_len=16)
+    freqs_cis = precompute_freqs_cis(8, 16)
+    with pytest.raises(ValueError, match=r"x must be \(batch, seq, dim=64\), got \(1, 3, 32\)"):
+        attention(torch.zeros(1, 3, 32), 0, freqs_cis[:3])
+    with pytest.raises(ValueError, match="start_pos=2 but no sequence is cached"):
+        attention(torch.zeros(1, 1, 64), 2, freqs_cis[2:3])
+
+
+# ---------------------------------------------------------------- kv_cache_bytes
+
+def test_kv_cache_bytes_published_sizes():
+    GiB = 2**30
+    assert kv_cache_bytes(32, 32, 128, seq_len=4096) == 2 * GiB              # Llama-2-7B: 0.5 MiB per token
+    assert kv_cache_bytes(80, 8, 128, seq_len=4096) == 1.25 * GiB            # Llama-2-70B with GQA
+    assert kv_cache_bytes(80, 64, 128, seq_len=4096) == 8 * kv_cache_bytes(80, 8, 128, seq_len=4096)
+    assert kv_cache_bytes(30, 3, 64, seq_len=1) == 23040                     # SmolLM2-135M per token
+    assert kv_cache_bytes(32, 32, 128, seq_len=4096, batch_size=8) == 16 * GiB
+    assert kv_cache_bytes(32, 32, 128, seq_len=4096, bytes_per_value=0.5) == GiB // 2  # int4
+
+
+def test_kv_cache_bytes_equals_allocated_buffers():
+    n_layers, n_kv_heads, head_dim, seq_len, batch = 3, 2, 16, 20, 4
+    caches = [KVCache(batch, seq_len, n_kv_heads, head_dim, dtype=torch.float16) for _ in range(n_layers)]
+    allocated = sum(c.cache_k.nbytes + c.cache_v.nbytes for c in caches)
+    assert kv_cache_bytes(n_layers, n_kv_heads, head_dim, seq_len, batch_size=batch) == allocated
+
+
+def test_kv_cache_bytes_bad_input():
+    with pytest.raises(ValueError, match="n_layers must be >= 1, got 0"):
+        kv_cache_bytes(0, 8, 128, 4096)
+    with pytest.raises(ValueError, match="bytes_per_value must be a positive number.*got 0"):
+        kv_cache_bytes(32, 8, 128, 4096, bytes_per_value=0)
+    with pytest.raises(TypeError, match="seq_len must be an int, got float"):
+        kv_cache_bytes(32, 8, 128, 4096.0)
+
+
+# ---------------------------------------------------------------- checkers
+
+def test_check_causal_mask_passes_course_and_independent_versions():
+    assert check_causal_mask(causal_mask)
+
+    def via_tril(seq_len, start_pos=0, device=None):
+        allowed = torch.ones(seq_len, start_pos + seq_len, dtype=torch.bool, device=device).tril(start_pos)
+        return torch.zeros(allowed.shape, device=device).masked_fill(~allowed, float("-inf"))
+    assert check_causal_mask(via_tril)
+
+
+def _mask_from_allowed(allowed):
+    return torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
+
+
+@pytest.mark.parametrize("wrong,message", [
+    # ignores start_pos: square mask
+    (lambda s, p=0, device=None: torch.triu(torch.full((s, s), float("-inf")), diagonal=1),
+     "leaves out the start_pos cached keys"),
+    # off by one: blocks the diagonal
+    (lambda s, p=0, device=None: torch.triu(torch.full((s, p + s), float("-inf")), diagonal=p),
+     r"query 0 \(absolute position 0\) is blocked from itself"),
+    # off by one the other way: lets each query see the next key
+    (lambda s, p=0, device=None: torch.triu(torch.full((s, p + s), float("-inf")), diagonal=p + 2),
+     r"query 0 \(absolute position 0\) may see key 1, which is in its future"),
+    # keeps the diagonal offset at 1 whatever start_pos is
+    (lambda s, p=0, device=None: torch.triu(torch.full((s, p + s), float("-inf")), diagonal=1),
+     r"query 0 \(absolute position 5\) is blocked from key 1, which comes before it"),
+    # boolean mask
+    (lambda s, p=0, device=None: torch.ones(s, p + s, dtype=torch.bool).tril(p),
+     "dtype torch.bool.*0 where a query may look and -inf"),
+    # 0/1 float mask
+    (lambda s, p=0, device=None: 1.0 - torch.ones(s, p + s).tril(p),
+     "0/1 mask only nudges the scores"),
+])
+def test_check_causal_mask_catches_mistakes(wrong, message):
+    result = check_causal_mask(wrong)
+    assert not result
+    assert any(re.search(message, problem) for _, problem, _ in result.failures), str(result)
+
+
+def test_check_repeat_kv_passes_course_and_independent_versions():
+    assert check_repeat_kv(repeat_kv)
+    assert check_repeat_kv(lambda x, n_rep: x.repeat_interleave(n_rep, dim=2))
+
+
+@pytest.mark.parametrize("wrong,message", [
+    (lambda x, n_rep: x.repeat(1, 1, n_rep, 1),
+     r"output head 1 holds K/V head 1, expected K/V head 0 \(= h // n_rep\)"),
+    (lambda x, n_rep: x.repeat_interleave(n_rep, dim=1), r"repeats along seq \(axis 1\) instead of the head axis"),
+    (lambda x, n_rep: x.float().repeat_interleave(n_rep, dim=2), "dtype torch.float32, expected torch.bfloat16"),
+    (lambda x, n_rep: x[:, :, :, None].expand(-1, -1, -1, n_rep, -1).flatten(2, 3) if n_rep > 1 else None,
+     "should be a torch.Tensor, got NoneType"),
+])
+def test_check_repeat_kv_catches_mistakes(wrong, message):
+    result = check_repeat_kv(wrong)
+    assert not result
+    assert any(re.search(message, problem) for _, problem, _ in result.failures), str(result)
+
+
+def test_check_scaled_dot_product_passes_course_and_torch():
+    assert check_scaled_dot_product(scaled_dot_product)
+
+    def via_torch(q, k, v, mask=None):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert check_scaled_dot_product(via_torch)
+
+
+def _attend(q, k, v, mask, scale, dim=-1, use_mask=True):
+    scores = q @ k.transpose(-2, -1) * scale
+    if mask is not None and use_mask:
+        scores = scores + mask
+    return torch.softmax(scores, dim=dim) @ v
+
+
+@pytest.mark.parametrize("wrong,message", [
+    (lambda q, k, v, mask=None: _attend(q, k, v, mask, 1.0), "the 1/√head_dim scale is missing"),
+    (lambda q, k, v, mask=None: _attend(q, k, v, mask, 1 / q.shape[-1]), "divides by head_dim instead of √head_dim"),
+    (lambda q, k, v, mask=None: _attend(q, k, v, mask, q.shape[-1] ** -0.5, dim=-2), r"softmax over the queries"),
+    (lambda q, k, v, mask=None: _attend(q, k, v, mask, q.shape[-1] ** -0.5, use_mask=False), "the mask is ignored"),
+    # exp without subtracting the maximum overflows on large scores
+    (lambda q, k, v, mask=None: (lambda e: e / e.sum(-1, keepdim=True))(
+        torch.exp(q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5 + (0 if mask is None else mask))) @ v,
+     "has NaN"),
+])
+def test_check_scaled_dot_product_catches_mistakes(wrong, message):
+    result = check_scaled_dot_product(wrong)
+    assert not result
+    assert any(re.search(message, problem) for _, problem, _ in result.failures), str(result)
+
+
+def test_checkers_reject_non_callables():
+    with pytest.raises(TypeError, match="candidate should be a function or class"):
+        check_causal_mask(None)

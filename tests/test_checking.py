@@ -1,0 +1,43 @@
+"""The checker machinery of chapter 00: compare() and run_cases()."""
+import pytest
+import torch
+
+from course_lib.checking import Case, CheckResult, compare, run_cases
+
+
+def test_compare_accepts_equal_within_tolerance():
+    x = torch.randn(3, 4)
+    assert compare(x + 1e-7, x) is None
+
+
+@pytest.mark.parametrize("actual, expected, words", [
+    ([1.0], torch.tensor([1.0]), "should be a torch.Tensor, got list"),
+    (torch.zeros(2, 3), torch.zeros(3, 2), "shape (2, 3), expected (3, 2)"),
+    (torch.zeros(2, dtype=torch.float64), torch.zeros(2), "dtype torch.float64, expected torch.float32"),
+    (torch.tensor([0.0, float("nan")]), torch.tensor([0.0, 1.0]), "NaN at [1]"),
+    (torch.tensor([[0.0, 0.0], [0.0, 5.0]]), torch.zeros(2, 2), "largest error 5; at [1, 1] got 5, expected 0"),
+    (torch.tensor([1 + 1j]), torch.tensor([1 - 1j]), "at [0, 1] got 1, expected -1"),  # imaginary parts count
+])
+def test_compare_names_the_first_problem(actual, expected, words):
+    problem = compare(actual, expected)
+    assert problem is not None and words in problem
+
+
+def test_run_cases_reports_exceptions_and_hints():
+    def candidate(x):
+        if x < 0:
+            raise ValueError("negative")
+        return x
+    result = run_cases("identity", candidate, [
+        Case("x = 1", lambda f: None if f(1) == 1 else "wrong"),
+        Case("x = -1", lambda f: None if f(-1) == -1 else "wrong", hint="handle negatives"),
+    ])
+    assert isinstance(result, CheckResult) and not result
+    assert result.n_cases == 2 and len(result.failures) == 1
+    text = str(result)
+    assert "failed 1 of 2" in text and "raised ValueError: negative" in text and "handle negatives" in text
+
+
+def test_run_cases_rejects_a_non_callable():
+    with pytest.raises(TypeError, match="candidate should be a function or class, got int"):
+        run_cases("x", 3, [])
