@@ -5,12 +5,12 @@ __all__ = ['precompute_freqs_cis', 'apply_rotary_emb', 'precompute_cos_sin', 'ro
            'permute_meta_to_hf', 'permute_hf_to_meta', 'check_precompute_freqs_cis', 'check_apply_rotary_emb',
            'check_permute_hf_to_meta']
 
-# %% ../notebooks/03_rope.ipynb #06cdbf83
+# %% ../notebooks/03_rope.ipynb #a238da0f
 import torch
 
 from .checking import Case, CheckResult, compare, run_cases
 
-# %% ../notebooks/03_rope.ipynb #036e9eae
+# %% ../notebooks/03_rope.ipynb #55a55e0e
 def _rope_frequencies(head_dim: int, end: int, theta: float) -> torch.Tensor:
     "Validate the arguments; return θ_j = theta^(-2j/head_dim) for the head_dim/2 pairs, float32."
     if not isinstance(head_dim, int) or head_dim <= 0 or head_dim % 2:
@@ -29,7 +29,7 @@ def precompute_freqs_cis(head_dim: int, end: int, theta: float = 10000.0) -> tor
     angles = torch.outer(t, freqs)                           # (end, head_dim/2) m·θ_j
     return torch.polar(torch.ones_like(angles), angles)      # (end, head_dim/2) complex64, |·| = 1
 
-# %% ../notebooks/03_rope.ipynb #bd2deecc
+# %% ../notebooks/03_rope.ipynb #2e36c710
 def _check_rope_inputs(xq: torch.Tensor, xk: torch.Tensor, n_pos: int, n_pairs: int, table: str):
     "Shapes shared by both layouts: xq, xk (batch, seq, heads, head_dim); a table of n_pos rows × n_pairs pairs."
     for name, x in (("xq", xq), ("xk", xk)):
@@ -64,7 +64,7 @@ def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor
     xk_out = torch.view_as_real(xk_ * rot).flatten(3)   # (batch, seq, n_kv_heads, head_dim)
     return xq_out.type_as(xq), xk_out.type_as(xk)
 
-# %% ../notebooks/03_rope.ipynb #933d5a57
+# %% ../notebooks/03_rope.ipynb #bbde3691
 def precompute_cos_sin(head_dim: int, end: int, theta: float = 10000.0):
     "Hugging Face's tables: cos and sin of the same angles, each (end, head_dim), halves repeated."
     freqs = _rope_frequencies(head_dim, end, theta)                        # (head_dim/2,)
@@ -95,7 +95,7 @@ def apply_rotary_emb_hf(xq: torch.Tensor, xk: torch.Tensor, cos: torch.Tensor, s
         return (xf * cos + rotate_half(xf) * sin).type_as(x)
     return rotate(xq), rotate(xk)
 
-# %% ../notebooks/03_rope.ipynb #ccf6bac5
+# %% ../notebooks/03_rope.ipynb #e96148c7
 def _check_permute(w: torch.Tensor, n_heads: int):
     if not isinstance(n_heads, int) or n_heads <= 0:
         raise ValueError(f"n_heads must be a positive int, got {n_heads!r}")
@@ -119,23 +119,12 @@ def permute_hf_to_meta(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     # (n_heads, 2, head_dim/2, dim) -> (n_heads, head_dim/2, 2, dim)
     return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
-# %% ../notebooks/03_rope.ipynb #a484d635
-def _compare(actual, expected: torch.Tensor, *, what: str, atol: float, rtol: float, check_dtype: bool = True):
-    "`compare`, with complex tensors compared as (real, imag) pairs so the imaginary parts count too."
-    if (isinstance(actual, torch.Tensor) and tuple(actual.shape) == tuple(expected.shape)
-            and (actual.is_complex() or expected.is_complex())
-            and (not check_dtype or actual.dtype == expected.dtype)):
-        pairs = lambda t: torch.view_as_real(t.detach().resolve_conj().to(torch.complex128))  # (..., 2)
-        return compare(pairs(actual), pairs(expected), what=f"{what} viewed as (real, imag)",
-                       atol=atol, rtol=rtol, check_dtype=False)
-    return compare(actual, expected, what=what, atol=atol, rtol=rtol, check_dtype=check_dtype)
-
-
+# %% ../notebooks/03_rope.ipynb #25539922
 def _matches(actual, variants, atol=1e-4, rtol=1e-4):
     "Label of the first known mistake whose output `actual` reproduces, or None."
     for label, make in variants:
         try:
-            if _compare(actual, make(), what="", atol=atol, rtol=rtol, check_dtype=False) is None:
+            if compare(actual, make(), what="", atol=atol, rtol=rtol, check_dtype=False) is None:
                 return label
         except Exception:  # a variant that does not apply to this input
             continue
@@ -165,7 +154,7 @@ def check_precompute_freqs_cis(candidate) -> CheckResult:
             actual = f(head_dim, end) if theta is None else f(head_dim, end, theta)
             th = 10000.0 if theta is None else theta
             expected = precompute_freqs_cis(head_dim, end, th)
-            problem = _compare(actual, expected, what="freqs_cis", atol=1e-5, rtol=1e-5)
+            problem = compare(actual, expected, what="freqs_cis", atol=1e-5, rtol=1e-5)
             if problem is None or not isinstance(actual, torch.Tensor):
                 return problem
             notes = []
@@ -205,7 +194,7 @@ def check_precompute_freqs_cis(candidate) -> CheckResult:
              hint="one pair has θ_0 = 1, and position 0 is no rotation: the table is [[1+0j]]"),
     ])
 
-# %% ../notebooks/03_rope.ipynb #5e770dee
+# %% ../notebooks/03_rope.ipynb #b11ee068
 def _rope_mistakes(x, freqs_cis, start_pos):
     "Outputs of the usual wrong versions of apply_rotary_emb on one tensor x, with a label each."
     one = lambda f: apply_rotary_emb(x, x, f)[0]
@@ -247,7 +236,7 @@ def check_apply_rotary_emb(candidate) -> CheckResult:
                 return f"should return a pair (xq_out, xk_out), got {type(out).__name__}"
             expected = apply_rotary_emb(xq, xk, freqs_cis)
             for name, actual, exp, x in (("xq_out", out[0], expected[0], xq), ("xk_out", out[1], expected[1], xk)):
-                problem = _with_diagnosis(_compare(actual, exp, what=name, **tol), actual,
+                problem = _with_diagnosis(compare(actual, exp, what=name, **tol), actual,
                                           _rope_mistakes(x, freqs_cis, start_pos),
                                           **(tol if dtype != torch.float32 else dict(atol=1e-4, rtol=1e-4)))
                 if problem:
@@ -276,7 +265,7 @@ def check_apply_rotary_emb(candidate) -> CheckResult:
              hint="a single pair is one complex number per head"),
     ])
 
-# %% ../notebooks/03_rope.ipynb #535c5c93
+# %% ../notebooks/03_rope.ipynb #8cceef2b
 def check_permute_hf_to_meta(candidate) -> CheckResult:
     "Check `candidate(w, n_heads)` against `permute_hf_to_meta`."
     g = torch.Generator().manual_seed(0)
@@ -287,7 +276,7 @@ def check_permute_hf_to_meta(candidate) -> CheckResult:
         def run(f):
             w_in = w.clone()
             actual = f(w_in, n_heads)
-            problem = _compare(actual, permute_hf_to_meta(w, n_heads), what="permuted w", atol=0, rtol=0)
+            problem = compare(actual, permute_hf_to_meta(w, n_heads), what="permuted w", atol=0, rtol=0)
             if problem is None and not torch.equal(w_in, w):
                 return "it modified w in place; return a new tensor"
             return _with_diagnosis(problem, actual, [
