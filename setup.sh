@@ -38,4 +38,6 @@ fi
 if [ "${1:-}" = "--no-launch" ] || [ -n "${CI:-}" ]; then
   exit 0
 fi
-exec .venv/bin/jupyter lab notebooks/
+lab_args=(notebooks/)
+[ "$(id -u)" = 0 ] && lab_args+=(--allow-root)  # containers and cloud machines often run as root
+exec .venv/bin/jupyter lab "${lab_args[@]}"
