@@ -17,4 +17,6 @@ from .attention import causal_mask, scaled_dot_product, repeat_kv, kv_cache_byte
 from .feed_forward import llama_hidden_dim, FeedForward                                      # 05
 from .model import (ModelArgs, PRESETS, TransformerBlock, Transformer, count_parameters,    # 06
                     args_from_hf_config, from_hf)
+from .weights import (fetch_smollm2, FetchError, read_gguf, load_gguf_model,              # 07
+                      load_meta_checkpoint, load_hf_checkpoint)
 from . import check

@@ -13,3 +13,5 @@ from .attention import check_causal_mask as causal_mask, check_repeat_kv as repe
 from .attention import check_scaled_dot_product as scaled_dot_product
 from .feed_forward import check_llama_hidden_dim as llama_hidden_dim, check_FeedForward as FeedForward
 from .model import check_TransformerBlock as TransformerBlock, check_count_parameters as count_parameters
+from .weights import check_gguf_to_meta_name as gguf_to_meta_name, check_dequantize_q4_1 as dequantize_q4_1
+from .weights import check_merge_meta_shards as merge_meta_shards
