@@ -19,4 +19,6 @@ from .model import (ModelArgs, PRESETS, TransformerBlock, Transformer, count_par
                     args_from_hf_config, from_hf)
 from .weights import (fetch_smollm2, FetchError, read_gguf, load_gguf_model,              # 07
                       load_meta_checkpoint, load_hf_checkpoint)
+from .gguf_tokenizer import (GGUFTokenizer, bytes_to_unicode, pretokenize, bpe_word,        # 07b
+                             render_chat_template, load_gguf, load_smollm2)
 from . import check

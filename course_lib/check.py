@@ -15,3 +15,4 @@ from .feed_forward import check_llama_hidden_dim as llama_hidden_dim, check_Feed
 from .model import check_TransformerBlock as TransformerBlock, check_count_parameters as count_parameters
 from .weights import check_gguf_to_meta_name as gguf_to_meta_name, check_dequantize_q4_1 as dequantize_q4_1
 from .weights import check_merge_meta_shards as merge_meta_shards
+from .gguf_tokenizer import check_bytes_to_unicode as bytes_to_unicode, check_bpe_word as bpe_word
