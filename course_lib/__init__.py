@@ -21,4 +21,10 @@ from .weights import (fetch_smollm2, FetchError, read_gguf, load_gguf_model,    
                       load_meta_checkpoint, load_hf_checkpoint)
 from .gguf_tokenizer import (GGUFTokenizer, bytes_to_unicode, pretokenize, bpe_word,        # 07b
                              render_chat_template, load_gguf, load_smollm2)
+from .generation import (METHODS, decoder_device, top_k_filter, top_p_filter, min_p_filter, next_token_probs,  # 07c
+                         sample_next_token, apply_repetition_penalty, GenerationStats, generate_tokens,
+                         generate_stream, generate, sampling_table)
+from .quantization import (SCHEMES, quantize, dequantize, QuantLinear, QuantEmbedding, quantize_model,  # 08
+                           weight_bytes, save_quantized, load_quantized, export_gguf, perplexity,
+                           logit_metrics, compare_models, Int4Matmul, FastQuantModel)
 from . import check

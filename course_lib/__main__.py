@@ -1,10 +1,10 @@
-"""`python -m course_lib COMMAND`: the course's command line (`fetch`; later chapters add more).
+"""`python -m course_lib COMMAND`: the course's command line (fetch, generate, chat).
 
-Written by hand and kept tiny: it only calls `main`, which chapter 07 exports into `course_lib.weights`.
+Written by hand and kept tiny: it only calls `main`, which notebook 07d exports into `course_lib.cli`.
 """
 import sys
 
-from course_lib.weights import main
+from course_lib.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

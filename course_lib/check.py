@@ -16,3 +16,6 @@ from .model import check_TransformerBlock as TransformerBlock, check_count_param
 from .weights import check_gguf_to_meta_name as gguf_to_meta_name, check_dequantize_q4_1 as dequantize_q4_1
 from .weights import check_merge_meta_shards as merge_meta_shards
 from .gguf_tokenizer import check_bytes_to_unicode as bytes_to_unicode, check_bpe_word as bpe_word
+from .generation import check_top_p_filter as top_p_filter
+from .generation import check_apply_repetition_penalty as apply_repetition_penalty
+from .quantization import check_quantize_q8_0 as quantize_q8_0, check_quantize_q4_1 as quantize_q4_1

@@ -3,7 +3,7 @@
 # %% auto #0
 __all__ = ['llama_hidden_dim', 'FeedForward', 'check_llama_hidden_dim', 'check_FeedForward']
 
-# %% ../notebooks/05_swiglu.ipynb #624535c3
+# %% ../notebooks/05_swiglu.ipynb #db5b1db4
 from numbers import Integral, Real
 from typing import Optional
 
@@ -13,7 +13,7 @@ from torch import nn
 
 from .checking import Case, CheckResult, compare, run_cases
 
-# %% ../notebooks/05_swiglu.ipynb #558ee5a0
+# %% ../notebooks/05_swiglu.ipynb #790d2f64
 def _check_positive_int(name: str, value) -> None:
     "Raise TypeError/ValueError naming `name` unless `value` is a positive int."
     if isinstance(value, bool) or not isinstance(value, Integral):
@@ -21,7 +21,7 @@ def _check_positive_int(name: str, value) -> None:
     if value <= 0:
         raise ValueError(f"{name} must be a positive int, got {name}={value}")
 
-# %% ../notebooks/05_swiglu.ipynb #32573adf
+# %% ../notebooks/05_swiglu.ipynb #0b2b7742
 def llama_hidden_dim(dim: int, multiple_of: int = 256, ffn_dim_multiplier: Optional[float] = None) -> int:
     "Llama 2's feed-forward size: 2/3 of 4·dim (SwiGLU has three matrices), scaled, rounded up to `multiple_of`."
     _check_positive_int("dim", dim)
@@ -39,7 +39,7 @@ def llama_hidden_dim(dim: int, multiple_of: int = 256, ffn_dim_multiplier: Optio
         raise ValueError(f"ffn_dim_multiplier={ffn_dim_multiplier} shrinks the hidden size of dim={dim} to 0")
     return multiple_of * ((hidden_dim + multiple_of - 1) // multiple_of)  # round UP to a multiple
 
-# %% ../notebooks/05_swiglu.ipynb #53de18ed
+# %% ../notebooks/05_swiglu.ipynb #94d3a1f9
 class FeedForward(nn.Module):
     "SwiGLU feed-forward network, applied to each token on its own: w2(silu(w1 x) * w3 x)."
     def __init__(self, dim: int, hidden_dim: int):
@@ -60,7 +60,7 @@ class FeedForward(nn.Module):
         up = self.w3(x)            # (..., hidden_dim): the values being gated
         return self.w2(gate * up)  # (..., dim)
 
-# %% ../notebooks/05_swiglu.ipynb #a6c82b99
+# %% ../notebooks/05_swiglu.ipynb #3bb57445
 def _round_up(n: int, m: int) -> int: return m * ((n + m - 1) // m)
 
 def _scaled(h: int, mult) -> int: return int(mult * h) if mult is not None else h
@@ -96,49 +96,28 @@ def _hidden_dim_case(dim: int, multiple_of: int, ffn_dim_multiplier=None, use_de
     return run
 
 
-def _gate_on_first_case(name: str, candidate, cases: list, stop_on_any_failure: bool = False) -> Optional[CheckResult]:
-    "Run the first case alone; a one-case result if the candidate is still the stub (or, optionally, fails it)."
-    try:
-        problem = cases[0].run(candidate)
-    except NotImplementedError:
-        return CheckResult(name, 1, [(cases[0].description, "raised NotImplementedError",
-                                      "the stub is not filled in yet: replace `raise NotImplementedError` "
-                                      f"with your code (the other {len(cases) - 1} cases run once this one does)")])
-    except Exception:
-        return None  # reported, with the other cases, by run_cases
-    if problem is not None and stop_on_any_failure:
-        return CheckResult(name, 1, [(cases[0].description, problem,
-                                      f"{cases[0].hint} (the other {len(cases) - 1} cases run once this one passes)")])
-    return None
-
-
 def check_llama_hidden_dim(candidate) -> CheckResult:
     "Check a candidate `llama_hidden_dim(dim, multiple_of=256, ffn_dim_multiplier=None) -> int`."
+    round_up = "2/3 of 4·dim, then round UP to a multiple of multiple_of"
     scale_first = "multiply the 2/3·4·dim size by ffn_dim_multiplier first, then round up to multiple_of"
-    cases = [
-        Case("Llama-2-7B: dim=4096, multiple_of=256", _hidden_dim_case(4096, 256),
-             "2/3 of 4·dim, then round UP to a multiple of multiple_of"),
-        Case("Llama-2-13B: dim=5120, multiple_of=256", _hidden_dim_case(5120, 256),
-             "2/3 of 4·dim, then round UP to a multiple of multiple_of"),
-        Case("Llama-2-70B: dim=8192, multiple_of=4096, ffn_dim_multiplier=1.3",
-             _hidden_dim_case(8192, 4096, 1.3), scale_first),
-        Case("Llama-3-8B: dim=4096, multiple_of=1024, ffn_dim_multiplier=1.3",
-             _hidden_dim_case(4096, 1024, 1.3), scale_first),
-        Case("already a multiple: dim=384, multiple_of=256 (2/3·4·384 = 1024)", _hidden_dim_case(384, 256),
-             "a size that is already a multiple of multiple_of must stay as it is"),
-        Case("no rounding: dim=100, multiple_of=1", _hidden_dim_case(100, 1),
-             "with multiple_of=1 the answer is int(2/3·4·dim)"),
-        Case("shrinking multiplier: dim=1000, multiple_of=64, ffn_dim_multiplier=0.5",
-             _hidden_dim_case(1000, 64, 0.5), scale_first),
-        Case("ffn_dim_multiplier=1.0 equals None: dim=4096, multiple_of=256", _hidden_dim_case(4096, 256, 1.0),
-             "a multiplier of 1.0 must not change the size"),
-        Case("default arguments: candidate(64)", _hidden_dim_case(64, 256, use_defaults=True),
-             "the defaults are multiple_of=256, ffn_dim_multiplier=None"),
+    table = [  # (description, args of _hidden_dim_case(dim, multiple_of, ffn_dim_multiplier, use_defaults), hint)
+        ("Llama-2-7B: dim=4096, multiple_of=256", (4096, 256), round_up),
+        ("Llama-2-13B: dim=5120, multiple_of=256", (5120, 256), round_up),
+        ("Llama-2-70B: dim=8192, multiple_of=4096, ffn_dim_multiplier=1.3", (8192, 4096, 1.3), scale_first),
+        ("Llama-3-8B: dim=4096, multiple_of=1024, ffn_dim_multiplier=1.3", (4096, 1024, 1.3), scale_first),
+        ("already a multiple: dim=384, multiple_of=256 (2/3·4·384 = 1024)", (384, 256),
+         "a size that is already a multiple of multiple_of must stay as it is"),
+        ("no rounding: dim=100, multiple_of=1", (100, 1), "with multiple_of=1 the answer is int(2/3·4·dim)"),
+        ("shrinking multiplier: dim=1000, multiple_of=64, ffn_dim_multiplier=0.5", (1000, 64, 0.5), scale_first),
+        ("ffn_dim_multiplier=1.0 equals None: dim=4096, multiple_of=256", (4096, 256, 1.0),
+         "a multiplier of 1.0 must not change the size"),
+        ("default arguments: candidate(64)", (64, 256, None, True),
+         "the defaults are multiple_of=256, ffn_dim_multiplier=None"),
     ]
-    stopped = _gate_on_first_case("llama_hidden_dim", candidate, cases)
-    return stopped if stopped is not None else run_cases("llama_hidden_dim", candidate, cases)
+    cases = [Case(description, _hidden_dim_case(*args), hint) for description, args, hint in table]
+    return run_cases("llama_hidden_dim", candidate, cases)
 
-# %% ../notebooks/05_swiglu.ipynb #08416a63
+# %% ../notebooks/05_swiglu.ipynb #c299e5aa
 _FFN_ROLES = {"w1": "the gate projection dim → hidden_dim", "w2": "the down projection hidden_dim → dim",
               "w3": "the up projection dim → hidden_dim"}
 
@@ -251,6 +230,5 @@ def check_FeedForward(candidate) -> CheckResult:
              _ffn_case(8, 20, (1, 4, 8), torch.float32, seed=3),
              "keep the input's dtype: no .double()/.half() or tensors of a fixed dtype inside forward"),
     ]
-    # wrong layers make every output case fail the same way: report them once
-    stopped = _gate_on_first_case("FeedForward", candidate, cases, stop_on_any_failure=True)
-    return stopped if stopped is not None else run_cases("FeedForward", candidate, cases)
+    # a wrong layer or formula makes every later case fail the same way: report the first failure only
+    return run_cases("FeedForward", candidate, cases, stop_after_first_failure=True)

@@ -4,7 +4,7 @@
 __all__ = ['PRESETS', 'ModelArgs', 'TransformerBlock', 'Transformer', 'parameter_breakdown', 'count_parameters',
            'args_from_hf_config', 'from_hf', 'check_TransformerBlock', 'check_count_parameters']
 
-# %% ../notebooks/06_model.ipynb #8d3ed064
+# %% ../notebooks/06_model.ipynb #e2063f91
 from dataclasses import dataclass, replace
 from numbers import Integral
 from typing import Optional
@@ -18,7 +18,7 @@ from .feed_forward import FeedForward, llama_hidden_dim
 from .rmsnorm import RMSNorm
 from .rope import precompute_freqs_cis, permute_hf_to_meta
 
-# %% ../notebooks/06_model.ipynb #a345716f
+# %% ../notebooks/06_model.ipynb #dc0bb249
 @dataclass
 class ModelArgs:
     "Model shape, with the field names of Meta's params.json. Defaults are Llama-2-7B's."
@@ -71,7 +71,7 @@ class ModelArgs:
             return self.hidden_dim
         return llama_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
 
-# %% ../notebooks/06_model.ipynb #2bd4f0b8
+# %% ../notebooks/06_model.ipynb #62ab5d76
 PRESETS = {
     "llama-2-7b": ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, max_seq_len=4096),
     "llama-2-13b": ModelArgs(dim=5120, n_layers=40, n_heads=40, vocab_size=32000, max_seq_len=4096),
@@ -82,7 +82,7 @@ PRESETS = {
     "tiny": ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, hidden_dim=176, max_seq_len=128),
 }
 
-# %% ../notebooks/06_model.ipynb #5efebb6b
+# %% ../notebooks/06_model.ipynb #5e2d92f3
 class TransformerBlock(nn.Module):
     "Pre-norm decoder block: h = x + attention(attention_norm(x)); out = h + feed_forward(ffn_norm(h))."
     def __init__(self, layer_id: int, args: ModelArgs):
@@ -98,7 +98,7 @@ class TransformerBlock(nn.Module):
         h = x + self.attention(self.attention_norm(x), start_pos, freqs_cis, mask)  # (batch, seq, dim)
         return h + self.feed_forward(self.ffn_norm(h))                              # (batch, seq, dim)
 
-# %% ../notebooks/06_model.ipynb #86ea0f03
+# %% ../notebooks/06_model.ipynb #49a49d6b
 class Transformer(nn.Module):
     "The Llama decoder: token ids (batch, seq) -> float32 logits (batch, seq, vocab_size), with a KV cache."
     def __init__(self, args: ModelArgs):
@@ -145,20 +145,38 @@ class Transformer(nn.Module):
             bad = lo if lo < 0 else hi
             raise ValueError(f"tokens contains id {bad}, outside the vocabulary [0, vocab_size={self.args.vocab_size})")
 
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        "Logits for `tokens` (batch, seq) at positions start_pos .. start_pos+seq-1; earlier ones come from the cache."
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, last_only: bool = False) -> torch.Tensor:
+        "Logits for `tokens` (batch, seq) at positions start_pos .. start_pos+seq-1 (only the last if `last_only`)."
         self._check_input(tokens, start_pos)
         bsz, seq = tokens.shape
         h = self.tok_embeddings(tokens.long())                  # (batch, seq, dim)
-        freqs_cis = self.freqs_cis[start_pos:start_pos + seq]   # (seq, head_dim/2)
+        freqs_cis = self.freqs_cis[start_pos:start_pos + seq]   # (seq, head_dim/2), a view
         # one new token sees every cached position: no mask needed
         mask = causal_mask(seq, start_pos, device=tokens.device) if seq > 1 else None  # (seq, start_pos+seq)
         for layer in self.layers:
             h = layer(h, start_pos, freqs_cis, mask)            # (batch, seq, dim)
         self.cache_len, self.cache_batch_size = start_pos + seq, bsz
-        return self.output(self.norm(h)).float()                # (batch, seq, vocab_size)
+        if last_only:  # generation needs only the next token's logits: skip (seq-1) × vocab_size × dim work
+            h = h[:, -1:]                                       # (batch, 1, dim)
+        return self.output(self.norm(h)).float()                # (batch, seq or 1, vocab_size)
 
-# %% ../notebooks/06_model.ipynb #37b3c7d2
+    def set_weight_layout(self, layout: str) -> "Transformer":
+        "'in_out': store each nn.Linear weight as the transpose of an (in, out) matrix, wq/wk/wv fused (Attention.fuse_qkv); 'out_in': PyTorch's default."
+        if layout not in ("out_in", "in_out"):
+            raise ValueError(f"layout must be 'out_in' or 'in_out', got {layout!r}")
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, nn.Linear):
+                    w = module.weight.detach()                  # (out, in), same values either way
+                    w = w.t().contiguous().t() if layout == "in_out" else w.contiguous()
+                    module.weight = nn.Parameter(w, requires_grad=module.weight.requires_grad)
+            for layer in self.layers:                           # q, k, v: one (dim, q+k+v) matrix
+                layer.attention.fuse_qkv(layout == "in_out")
+        if self.args.tie_embeddings:
+            self.tok_embeddings.weight = self.output.weight     # keep one matrix for both uses
+        return self
+
+# %% ../notebooks/06_model.ipynb #e2c348eb
 def parameter_breakdown(args: ModelArgs) -> dict:
     "Weights of a Transformer with `args` by kind: tok_embeddings, attention, feed_forward, norms, output."
     if not isinstance(args, ModelArgs):
@@ -178,7 +196,7 @@ def count_parameters(args: ModelArgs) -> int:
     "Number of weights of a Transformer with `args`, from the shapes alone."
     return sum(parameter_breakdown(args).values())
 
-# %% ../notebooks/06_model.ipynb #3444c6b5
+# %% ../notebooks/06_model.ipynb #b730dea8
 def _hf_rope_theta(config) -> float:
     params = getattr(config, "rope_parameters", None) or {}
     scaling = getattr(config, "rope_scaling", None) or {}
@@ -240,7 +258,7 @@ def from_hf(hf_model, max_seq_len: Optional[int] = None) -> Transformer:
     model.load_state_dict(ours, strict=True)
     return model.eval()
 
-# %% ../notebooks/06_model.ipynb #582eeac3
+# %% ../notebooks/06_model.ipynb #6da05c02
 _BLOCK_ARGS = ModelArgs(dim=48, n_layers=2, n_heads=6, n_kv_heads=2, vocab_size=64, hidden_dim=80, max_seq_len=16)
 
 
@@ -318,30 +336,25 @@ def check_TransformerBlock(candidate) -> CheckResult:
                 problem += _diagnose(got, _block_mistakes(ref, x[:, :7], freqs_cis[:7], mask))
         return problem
 
-    def chunked(cand):
-        ref, x, freqs_cis = _block_reference(1)
-        block, problem = _load_candidate(cand, ref)
-        if problem:
-            return problem
-        with torch.no_grad():
-            for b in (ref, block):                                     # first chunk: positions 0..3
-                b(x[:, :4], 0, freqs_cis[:4], causal_mask(4))
-            mask = causal_mask(3, start_pos=4)                         # (3, 7)
-            expected = ref(x[:, 4:7], 4, freqs_cis[4:7], mask)
-            got = block(x[:, 4:7], 4, freqs_cis[4:7], mask)
-        return compare(got, expected, what="output of the second chunk", atol=1e-5, rtol=1e-4)
+    def after_prefill(seed: int, n_cached: int, n_new: int, what: str):
+        "A case: both blocks prefill positions 0..n_cached-1, then the next n_new positions are compared."
+        def run(cand):
+            ref, x, freqs_cis = _block_reference(seed)
+            block, problem = _load_candidate(cand, ref)
+            if problem:
+                return problem
+            new = slice(n_cached, n_cached + n_new)
+            mask = causal_mask(n_new, start_pos=n_cached) if n_new > 1 else None  # (n_new, n_cached + n_new)
+            with torch.no_grad():
+                for b in (ref, block):
+                    b(x[:, :n_cached], 0, freqs_cis[:n_cached], causal_mask(n_cached))
+                expected = ref(x[:, new], n_cached, freqs_cis[new], mask)
+                got = block(x[:, new], n_cached, freqs_cis[new], mask)
+            return compare(got, expected, what=what, atol=1e-5, rtol=1e-4)
+        return run
 
-    def decode(cand):
-        ref, x, freqs_cis = _block_reference(2)
-        block, problem = _load_candidate(cand, ref)
-        if problem:
-            return problem
-        with torch.no_grad():
-            for b in (ref, block):                                     # prefill positions 0..6
-                b(x[:, :7], 0, freqs_cis[:7], causal_mask(7))
-            expected = ref(x[:, 7:8], 7, freqs_cis[7:8], None)
-            got = block(x[:, 7:8], 7, freqs_cis[7:8], None)
-        return compare(got, expected, what="output of the decode step", atol=1e-5, rtol=1e-4)
+    chunked = after_prefill(1, n_cached=4, n_new=3, what="output of the second chunk")  # mask (3, 7)
+    decode = after_prefill(2, n_cached=7, n_new=1, what="output of the decode step")    # mask=None
 
     hint = ("pre-norm: each branch reads a normalized copy of the stream (its own norm) and adds its result "
             "back to the stream; attention needs start_pos, freqs_cis and mask")
@@ -356,7 +369,7 @@ def check_TransformerBlock(candidate) -> CheckResult:
     with torch.random.fork_rng():  # seeds the references; leaves the student's random state alone
         return run_cases("TransformerBlock", candidate, cases)
 
-# %% ../notebooks/06_model.ipynb #3a36d42d
+# %% ../notebooks/06_model.ipynb #e381dcef
 def _args_summary(args: ModelArgs) -> str:
     "The fields that decide the parameter count, as `name=value` pairs."
     fields = ["dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size"]

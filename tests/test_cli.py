@@ -1,0 +1,105 @@
+"""`python -m course_lib`: generate and chat on the real model, and one-line errors."""
+import argparse
+import subprocess
+import sys
+
+import pytest
+
+import copy
+
+import course_lib.cli as cli
+from course_lib.generation import generate
+from course_lib.gguf_tokenizer import load_smollm2
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_smollm2(max_seq_len=256)
+
+
+@pytest.fixture
+def loaded(smollm2, monkeypatch):
+    "Load the model once for the whole file: main() would load it on every call."
+    monkeypatch.setattr(cli, "load_model", lambda model="smollm2", max_seq_len=None, quant="none": smollm2)
+    return smollm2
+
+
+def test_generate_prints_the_greedy_completion(loaded, capsys):
+    model, tokenizer = loaded
+    assert cli.main(["generate", "The capital of France is", "--max-new-tokens", "8", "--no-stats"]) == 0
+    expected = generate(model, tokenizer, "The capital of France is", max_new_tokens=8)
+    assert capsys.readouterr().out == expected + "\n"
+
+
+def test_seeded_sampling_repeats(loaded, capsys):
+    args = ["generate", "Once upon a time", "--max-new-tokens", "10", "--method", "top_p", "--top-p", "0.9",
+            "--temperature", "0.8", "--seed", "3", "--no-stats"]
+    cli.main(args); first = capsys.readouterr().out
+    cli.main(args); second = capsys.readouterr().out
+    assert first == second and first.strip()
+
+
+def test_stats_go_to_stderr(loaded, capsys):
+    cli.main(["generate", "Hi", "--max-new-tokens", "3"])
+    err = capsys.readouterr().err
+    assert "prefill:" in err and "decode:" in err and "tokens/s" in err
+
+
+def test_bad_option_value_is_one_line(loaded, capsys):
+    assert cli.main(["generate", "hello", "--method", "top_p", "--top-p", "1.5"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "top_p" in err and "1.5" in err
+
+
+def test_unknown_method_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["generate", "hello", "--method", "beam"])
+    assert e.value.code == 2 and "invalid choice: 'beam'" in capsys.readouterr().err
+
+
+def test_missing_model_file(capsys, tmp_path):
+    assert cli.main(["generate", "hi", "--model", str(tmp_path / "nope.gguf")]) == 1
+    err = capsys.readouterr().err
+    assert "no such file" in err and err.count("\n") == 1
+
+
+def test_prompt_longer_than_the_cache(loaded, capsys):
+    assert cli.main(["generate", "word " * 300, "--no-stats"]) == 1
+    assert "--max-seq-len" in capsys.readouterr().err
+
+
+def test_chat_answers_and_keeps_the_conversation(loaded, capsys):
+    model, tokenizer = loaded
+    lines = iter(["What is the capital of France?", "/reset", "/quit"])
+    ns = argparse.Namespace(model="smollm2", max_seq_len=None, system=None, max_new_tokens=12, method="greedy",
+                            temperature=1.0, top_k=None, top_p=None, min_p=None, seed=None, stats=False,
+                            quant="none")
+    cli._run_chat(ns, inp=lambda: next(lines))
+    out = capsys.readouterr().out
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                           add_generation_prompt=True)
+    assert out == "model> " + generate(model, tokenizer, prompt, max_new_tokens=12) + "\n"
+    assert "Paris" in out
+
+
+def test_module_help_lists_the_commands():
+    r = subprocess.run([sys.executable, "-m", "course_lib", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and all(c in r.stdout for c in ("fetch", "generate", "chat"))
+
+
+def test_quant_decodes_with_the_fast_quantized_path(smollm2, monkeypatch, capsys):
+    from course_lib.quantization import FastQuantModel, quantize_model
+    model, tokenizer = smollm2
+    monkeypatch.setattr(cli, "_load_float", lambda name, max_seq_len: (copy.deepcopy(model), tokenizer))
+    assert cli.main(["generate", "The capital of France is", "--max-new-tokens", "8", "--quant", "q4_1",
+                     "--no-stats"]) == 0
+    fast = FastQuantModel(quantize_model(copy.deepcopy(model), "q4_1"))
+    assert capsys.readouterr().out == generate(fast, tokenizer, "The capital of France is", max_new_tokens=8) + "\n"
+
+
+def test_unknown_quant_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["generate", "hi", "--quant", "q3_k"])
+    assert e.value.code == 2 and "--quant" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--quant must be one of none, q8_0, q4_0, q4_1, got 'int3'"):
+        cli.load_model("smollm2", quant="int3")

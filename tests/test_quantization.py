@@ -1,0 +1,592 @@
+"""course_lib.quantization against independent references: the `gguf` package's quantizers and
+dequantizers (bit for bit), PyTorch's own ops (F.linear, kl_div), `transformers` (perplexity, from its
+own loss), the gguf reader and chapter 07's loader (GGUF export), plus bad input and the checkers."""
+import copy
+import math
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+gguf = pytest.importorskip("gguf")
+
+from course_lib.model import ModelArgs, Transformer, from_hf
+from course_lib.quantization import (QuantEmbedding, QuantLinear, absmax_dequantize, absmax_quantize,
+                                     check_quantize_q4_1, check_quantize_q8_0, compare_models, dequantize,
+                                     export_gguf, fake_quantize, load_quantized, logit_metrics, perplexity,
+                                     quantization_error, quantize, quantize_model, quantize_q4_1,
+                                     quantize_q8_0, round_half_away, save_quantized, set_backend, to_int4pack,
+                                     weight_bytes, matching_prefix, Int4Matmul, q8_0_as_int4,
+                                     FastQuantModel)
+from course_lib.generation import generate_tokens
+from course_lib.weights import fetch_smollm2, load_gguf_model, read_gguf
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+ROOT = Path(__file__).resolve().parents[1]
+QTYPE = gguf.GGMLQuantizationType
+SCHEMES = ["q8_0", "q4_0", "q4_1"]
+
+
+def edge_rows() -> torch.Tensor:
+    "Blocks of 32 that stress the details: zeros, constants, outliers, signs, fp16 limits, halfway values."
+    g = torch.Generator().manual_seed(3)
+    r = lambda scale=1.0: torch.randn(32, generator=g) * scale
+    k = torch.arange(32, dtype=torch.float32)
+    rows = [torch.zeros(32), -torch.zeros(32), torch.full((32,), 0.7), torch.full((32,), -3.0),
+            torch.full((32,), 1e-3),
+            torch.cat([torch.full((31,), 0.01), torch.tensor([9.0])]),           # one positive outlier
+            torch.cat([torch.tensor([-9.0]), torch.full((31,), 0.01)]),          # one negative outlier
+            -r().abs() * 2 + 0.1, -r().abs() * 5,                                 # negative-dominant
+            r(1e-7), r(1e-30), r(6e-5), r(1e4), r(1e5), r(1e30),    # tiny and huge (fp16 limits)
+            # (not float32 subnormals like 1e-40: there 1/d overflows to inf and gguf's result comes from an
+            # undefined float -> uint8 cast of inf, which differs between platforms)
+            k - 16, (k - 16) + 0.5, (k - 15.5) * (16 / 127), k % 16 / 2,        # halfway between levels
+            (k - 15.5) / 7.5, k * (15 / 31) / 15 * 31 / 31,
+            torch.tensor([1.0, -1.0] * 16), torch.tensor([-1.0, 1.0] * 16),     # ties in |max|
+            torch.tensor([2.0, -2.0] + [0.5] * 30)]
+    rows += [r() for _ in range(8)]
+    return torch.stack(rows)
+
+
+def halfway_rows(scheme: str) -> torch.Tensor:
+    "Blocks built so that x/d (Q8_0) or (x - m)/d (Q4_1) or x/d + 8 (Q4_0) lands on k + 0.5 exactly."
+    k = torch.arange(32, dtype=torch.float32)
+    if scheme == "q8_0":   # absmax 127 -> d = 1
+        return torch.stack([torch.cat([torch.tensor([127.0]), k[1:] - 16.5]), torch.cat([torch.tensor([-127.0]), 16.5 - k[1:]])])
+    if scheme == "q4_0":   # max -8 -> d = 1
+        return torch.stack([torch.cat([torch.tensor([-8.0]), (k[1:] % 15) - 7.5])])
+    return torch.stack([torch.cat([torch.tensor([0.0, 15.0]), (k[2:] % 15) + 0.5])])   # d = 1, m = 0
+
+
+def matrices():
+    g = torch.Generator().manual_seed(0)
+    return {"random": torch.randn(48, 256, generator=g), "wide": torch.randn(3, 1536, generator=g) * 0.02,
+            "edge": edge_rows(), "one row": torch.randn(1, 32, generator=g)}
+
+
+# ---------------------------------------------------------------- quantize / dequantize vs gguf
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("what", ["random", "wide", "edge", "one row", "halfway"])
+def test_quantize_bit_exact_with_gguf(scheme, what):
+    w = halfway_rows(scheme) if what == "halfway" else matrices()[what]
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        ref = gguf.quants.quantize(w.numpy(), QTYPE[scheme.upper()])
+    ours = quantize(w, scheme)
+    assert ours.dtype == torch.uint8 and tuple(ours.shape) == ref.shape
+    assert np.array_equal(ours.numpy(), ref), f"{(ours.numpy() != ref).any(1).sum()} rows differ"
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_dequantize_bit_exact_with_gguf(scheme):
+    w = torch.cat([matrices()["random"][:, :32 * 4].reshape(-1, 128), edge_rows().reshape(-1, 128)])
+    with np.errstate(all="ignore"):
+        blocks = gguf.quants.quantize(w.numpy(), QTYPE[scheme.upper()])
+        ref = gguf.quants.dequantize(blocks, QTYPE[scheme.upper()])
+    ours = dequantize(torch.from_numpy(blocks), scheme, w.shape)
+    nan = np.isnan(ref)
+    assert np.array_equal(np.isnan(ours.numpy()), nan)
+    assert np.array_equal(ours.numpy().view(np.uint32)[~nan], ref.view(np.uint32)[~nan])
+
+
+def test_round_half_away_matches_gguf_and_roundf():
+    x = torch.tensor([0.5, 1.5, 2.5, -0.5, -2.5, 0.49999997, -0.49999997, 3.2, -3.7, 0.0, 126.5, 1e8 + 0.5])
+    assert torch.equal(round_half_away(x), torch.from_numpy(gguf.quants.np_roundf(x.numpy())))
+    assert round_half_away(torch.tensor([2.5, -2.5, 0.49999997])).tolist() == [3.0, -3.0, 0.0]
+
+
+def test_block_layout_by_hand():
+    x = torch.arange(32, dtype=torch.float32)[None]        # q4_1: d = 31/15, m = 0, q_j = round(j * 15/31)
+    b = quantize(x, "q4_1")[0]
+    d = np.float32(31) / np.float32(15)
+    assert b[:2].view(torch.float16).item() == float(np.float16(d)) and b[2:4].view(torch.float16).item() == 0.0
+    q = [int(math.floor(j * (1 / d) + 0.5)) for j in range(32)]
+    assert b[4:].tolist() == [q[j] | (q[j + 16] << 4) for j in range(16)]
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(w=torch.zeros(2, 33), scheme="q8_0"), "multiple of 32"),
+    (dict(w=torch.zeros(64), scheme="q8_0"), "2-D"),
+    (dict(w=torch.zeros(2, 32, dtype=torch.int32), scheme="q8_0"), "floating-point"),
+    (dict(w=[[0.0] * 32], scheme="q8_0"), "torch.Tensor"),
+    (dict(w=torch.zeros(2, 32), scheme="q5_0"), "scheme must be one of"),
+])
+def test_quantize_bad_input(bad, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        quantize(**bad)
+
+
+def test_dequantize_bad_input():
+    b = quantize(torch.randn(2, 64), "q4_1")
+    with pytest.raises(ValueError, match="needs 160"):
+        dequantize(b, "q4_1", (4, 64))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        dequantize(b, "q4_1", (2, 40))
+    with pytest.raises(TypeError, match="uint8"):
+        dequantize(b.float(), "q4_1", (2, 64))
+
+
+# ---------------------------------------------------------------- simple schemes and the explorer
+
+def test_absmax_int4_and_int8():
+    w = torch.randn(8, 256)
+    for bits in (4, 8):
+        q, s = absmax_quantize(w, bits, 128)
+        groups = w.reshape(8, 2, 128)
+        assert torch.allclose(s, groups.abs().amax(-1) / (2 ** (bits - 1) - 1))
+        back = absmax_dequantize(q, s, bits)
+        assert ((back - w).abs() <= s.repeat_interleave(128, 1) / 2 + 1e-6).all()
+    q4, _ = absmax_quantize(w, 4)
+    assert q4.shape == (8, 128) and q4.dtype == torch.uint8
+    with pytest.raises(ValueError, match="bits must be 4 or 8"):
+        absmax_quantize(w, 3)
+
+
+def test_fake_quantize_against_numpy_reference():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((6, 96)).astype(np.float32)
+    for bits, gs, sym in [(4, 32, True), (3, 16, False), (8, 96, True), (2, 32, False)]:
+        g = w.reshape(6, -1, gs)
+        if sym:
+            s = np.abs(g).max(-1, keepdims=True) / (2 ** (bits - 1) - 1)
+            ref = np.clip(gguf.quants.np_roundf(g * (1 / s)), -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) * s
+        else:
+            lo, hi = g.min(-1, keepdims=True), g.max(-1, keepdims=True)
+            s = (hi - lo) / (2 ** bits - 1)
+            ref = np.clip(gguf.quants.np_roundf((g - lo) * (1 / s)), 0, 2 ** bits - 1) * s + lo
+        got = fake_quantize(torch.from_numpy(w), bits, gs, sym)
+        np.testing.assert_allclose(got.numpy(), ref.reshape(6, 96), rtol=0, atol=1e-6)
+        assert len(np.unique(got.numpy()[0, :gs])) <= 2 ** bits
+    r = quantization_error(torch.from_numpy(w), 4, 32, False)
+    assert r["bits_per_weight"] == 5.0 and r["errors"].shape == (6 * 96,)
+    assert math.isclose(r["rmse"], float(np.sqrt(((fake_quantize(torch.from_numpy(w), 4, 32, False).numpy() - w) ** 2).mean())), rel_tol=1e-5)
+    assert quantization_error(torch.from_numpy(w), 8, 32)["rmse"] < r["rmse"]
+    with pytest.raises(ValueError, match="bits must be an int from 2 to 8"):
+        fake_quantize(torch.from_numpy(w), 9)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        fake_quantize(torch.from_numpy(w), 4, 64)
+
+
+# ---------------------------------------------------------------- QuantLinear and the int4 kernel
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_quant_linear_dequant_is_f_linear_with_gguf_weights(scheme):
+    g = torch.Generator().manual_seed(1)
+    w, x = torch.randn(96, 64, generator=g), torch.randn(2, 5, 64, generator=g)
+    blocks = gguf.quants.quantize(w.numpy(), QTYPE[scheme.upper()])
+    w_ref = torch.from_numpy(gguf.quants.dequantize(blocks, QTYPE[scheme.upper()]))
+    lin = QuantLinear(64, 96, scheme, torch.from_numpy(blocks), backend="dequant")
+    assert torch.equal(lin(x), F.linear(x, w_ref))
+    fast = lin.set_backend("fast")(x)
+    exact = F.linear(x, w_ref)
+    assert fast.dtype == torch.float32 and fast.shape == (2, 5, 96)
+    assert ((fast - exact).norm() / exact.norm()) < 1e-2           # bf16 activations and scales
+    ql = QuantLinear.from_linear(torch.nn.Linear(64, 96, bias=False), scheme)
+    assert ql.blocks.shape == (96, 2 * {"q8_0": 34, "q4_0": 18, "q4_1": 20}[scheme])
+
+
+@pytest.mark.parametrize("scheme", ["q4_0", "q4_1"])
+def test_int4pack_mapping_is_exact_in_float32(scheme):
+    "With float32 scales the kernel reproduces gguf's dequantized weights: scale d, zero m + 8d (or 0)."
+    g = torch.Generator().manual_seed(2)
+    w, x = torch.randn(64, 128, generator=g), torch.randn(3, 128, generator=g)
+    blocks = gguf.quants.quantize(w.numpy(), QTYPE[scheme.upper()])
+    w_ref = torch.from_numpy(gguf.quants.dequantize(blocks, QTYPE[scheme.upper()]))
+    packed, sz = to_int4pack(torch.from_numpy(blocks), scheme, (64, 128), dtype=torch.float32)
+    assert packed.shape == (64, 64) and sz.shape == (4, 64, 2)
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 32, sz)
+    torch.testing.assert_close(y, x @ w_ref.T, atol=1e-4, rtol=1e-5)
+    # identity activations read the weights back: every weight, exactly
+    eye = torch.ops.aten._weight_int4pack_mm_for_cpu(torch.eye(128), packed, 32, sz)   # (in, out) = W.T
+    torch.testing.assert_close(eye, w_ref.T, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="4-bit scheme"):
+        to_int4pack(torch.from_numpy(blocks), "q8_0", (64, 128))
+
+
+def test_quant_linear_bad_input():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        QuantLinear(40, 8, "q4_0")
+    with pytest.raises(ValueError, match="blocks must be uint8"):
+        QuantLinear(64, 8, "q4_0", torch.zeros(8, 40, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        QuantLinear(64, 8, "q4_0", backend="gpu")
+    with pytest.raises(ValueError, match="in_features=64"):
+        QuantLinear(64, 8, "q4_0")(torch.zeros(2, 32))
+
+
+def test_quant_embedding_rows():
+    w = torch.randn(50, 64)
+    emb = QuantEmbedding(50, 64, "q8_0", quantize(w, "q8_0"))
+    tokens = torch.tensor([[3, 0, 49], [7, 7, 1]])
+    ref = torch.from_numpy(gguf.quants.dequantize(quantize(w, "q8_0").numpy(), QTYPE.Q8_0))
+    assert torch.equal(emb(tokens), ref[tokens])
+
+
+# ---------------------------------------------------------------- quantize_model, save/load, GGUF export
+
+ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, hidden_dim=128, max_seq_len=64,
+                 tie_embeddings=True)
+
+
+def small_model(tied=True, seed=0):
+    torch.manual_seed(seed)
+    m = Transformer(ModelArgs(**{**ARGS.__dict__, "tie_embeddings": tied})).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.mul_(3.0)   # larger weights: logits that actually depend on them
+    return m
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("output_scheme", [None, "q8_0"])
+def test_quantize_model_equals_model_with_gguf_weights(scheme, output_scheme):
+    model = small_model()
+    ref = copy.deepcopy(model)
+    with torch.no_grad():   # the same model, weights replaced by gguf's quantize -> dequantize
+        for name, p in ref.named_parameters():
+            is_emb = name == "tok_embeddings.weight"
+            if p.dim() == 2 and (not is_emb or output_scheme):
+                qt = QTYPE[(output_scheme if is_emb else scheme).upper()]
+                p.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(p.numpy(), qt), qt)))
+    q = quantize_model(model, scheme, output_scheme, backend="dequant")
+    assert q is model and isinstance(q.layers[1].feed_forward.w2, QuantLinear)
+    assert isinstance(q.layers[0].attention_norm.weight, torch.nn.Parameter)
+    assert q.layers[0].attention_norm.weight.dtype == torch.float32
+    assert isinstance(q.tok_embeddings, QuantEmbedding) == (output_scheme is not None)
+    tokens = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(q(tokens), ref(tokens), atol=1e-5, rtol=1e-5)
+        fast = set_backend(q, "fast")(tokens)
+    assert logit_metrics(ref(tokens), fast)["top1"] >= 0.9
+
+
+def test_quantize_model_bad_input_and_memory():
+    model = small_model()
+    before = weight_bytes(model)
+    assert before == sum(p.numel() * 4 for p in model.parameters())      # tied: counted once
+    with pytest.raises(ValueError, match="scheme must be one of"):
+        quantize_model(model, "int4")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        quantize_model(model, "q4_0", backend="cuda")
+    with pytest.raises(TypeError, match="Transformer"):
+        quantize_model(torch.nn.Linear(64, 64), "q4_0")
+    q = quantize_model(model, "q4_0", "q8_0", backend="dequant")
+    n_lin = 2 * (3 * 64 * 64 // 2 + 64 * 64 // 2 * 2 // 2 + 3 * 64 * 128)  # not used: count from shapes
+    blocks = sum(m.blocks.numel() for m in q.modules() if isinstance(m, QuantLinear) and m is not q.output)
+    assert weight_bytes(q) == blocks + q.tok_embeddings.blocks.numel() + 4 * (2 * 2 * 64 + 64)
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_model(q, "q4_0")
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_save_and_load_roundtrip(tmp_path, tied):
+    pytest.importorskip("safetensors")
+    q = quantize_model(small_model(tied), "q4_1", "q8_0", backend="dequant")
+    path = save_quantized(q, tmp_path / "m.safetensors")
+    loaded = load_quantized(path, backend="dequant")
+    tokens = torch.randint(0, 96, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens), q(tokens))
+    for (k, a), (k2, b) in zip(q.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+    if tied:
+        assert loaded.output.blocks is loaded.tok_embeddings.blocks
+
+
+def test_load_quantized_validates(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    q = quantize_model(small_model(), "q4_0", "q8_0", backend="dequant")
+    path = save_quantized(q, tmp_path / "m.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    def write(name, meta=meta, tensors=tensors):
+        save_file(tensors, str(tmp_path / name), metadata=meta)
+        return tmp_path / name
+    with pytest.raises(ValueError, match="format_version='2'"):
+        load_quantized(write("v2.safetensors", {**meta, "format_version": "2"}))
+    with pytest.raises(ValueError, match="not a course_lib quantized model"):
+        load_quantized(write("pt.safetensors", {"format": "pt"}))
+    bad = dict(tensors); bad["layers.0.attention.wq.blocks"] = bad["layers.0.attention.wq.blocks"][:, :-18].contiguous()
+    with pytest.raises(ValueError, match="layers.0.attention.wq.blocks"):
+        load_quantized(write("shape.safetensors", tensors=bad))
+    with pytest.raises(ValueError, match="schemes"):
+        load_quantized(write("scheme.safetensors", {**meta, "quant_config": '{"scheme": "q4_1", "output_scheme": "q8_0"}'}))
+    with pytest.raises(ValueError, match="not quantized"):
+        save_quantized(small_model(), tmp_path / "x.safetensors")
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_export_gguf_roundtrip(tmp_path, scheme):
+    q = quantize_model(small_model(), scheme, "q8_0", backend="dequant")
+    path = export_gguf(q, tmp_path / "m.gguf")
+    reader = gguf.GGUFReader(path)
+    tensors = {t.name: t for t in reader.tensors}
+    assert QTYPE(tensors["blk.1.ffn_down.weight"].tensor_type).name == scheme.upper()
+    assert np.array_equal(np.asarray(tensors["blk.1.ffn_down.weight"].data).reshape(-1),
+                          q.layers[1].feed_forward.w2.blocks.numpy().reshape(-1))
+    assert "output.weight" not in tensors                                 # tied
+    reread = load_gguf_model(path)
+    tokens = torch.randint(0, 96, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(reread(tokens), q(tokens), atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- perplexity and metrics
+
+def hf_small():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   rms_norm_eps=1e-5, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    return hf, from_hf(hf).eval()
+
+
+def hf_perplexity(hf, ids, context_len, stride):
+    "Hugging Face's recipe (docs: perplexity of fixed-length models), but with exact token counts."
+    nll, count, prev_end = 0.0, 0, 0
+    for begin in range(0, len(ids), stride):
+        end = min(begin + context_len, len(ids))
+        trg_len = end - prev_end
+        input_ids = ids[begin:end][None]
+        labels = input_ids.clone()
+        labels[:, :-trg_len] = -100
+        with torch.no_grad():
+            loss = hf(input_ids, labels=labels).loss
+        n = int((labels[:, 1:] != -100).sum())
+        nll += loss.item() * n; count += n
+        prev_end = end
+        if end == len(ids):
+            break
+    return math.exp(nll / count)
+
+
+@pytest.mark.parametrize("context_len, stride", [(16, 16), (16, 5), (64, 64), (20, 20), (8, 1)])
+def test_perplexity_matches_transformers_small(context_len, stride):
+    hf, ours = hf_small()
+    ids = torch.randint(0, 96, (53,), generator=torch.Generator().manual_seed(1))
+    ref = hf_perplexity(hf, ids, context_len, stride)
+    got = perplexity(ours, ids, context_len, stride)
+    assert abs(got - ref) / ref <= 1e-4
+
+
+def test_perplexity_by_hand_and_bad_input():
+    class Uniform(torch.nn.Module):   # every next-token distribution uniform: perplexity = vocab size
+        def forward(self, tokens, start_pos=0):
+            return torch.zeros(*tokens.shape, 37)
+    assert math.isclose(perplexity(Uniform(), torch.arange(30) % 37, 8), 37.0, rel_tol=1e-6)
+    _, ours = hf_small()
+    with pytest.raises(ValueError, match="max_seq_len=64"):
+        perplexity(ours, torch.arange(10), 128)
+    with pytest.raises(ValueError, match="stride must be"):
+        perplexity(ours, torch.arange(10), 8, 9)
+    with pytest.raises(ValueError, match="1-D sequence"):
+        perplexity(ours, torch.zeros(2, 5, dtype=torch.long), 8)
+    with pytest.raises(ValueError, match="context_len must be"):
+        perplexity(ours, torch.arange(10), 1)
+
+
+def test_logit_metrics_against_kl_div():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 7, 50, generator=g), torch.randn(2, 7, 50, generator=g)
+    m = logit_metrics(a, b)
+    ref = F.kl_div(F.log_softmax(b, -1).reshape(-1, 50), F.log_softmax(a, -1).reshape(-1, 50),
+                   log_target=True, reduction="batchmean")
+    assert math.isclose(m["kl"], ref.item(), rel_tol=1e-5)
+    assert m["top1"] == (a.argmax(-1) == b.argmax(-1)).float().mean().item() and m["n"] == 14
+    assert logit_metrics(a, a)["kl"] == pytest.approx(0, abs=1e-6) and logit_metrics(a, a)["top1"] == 1.0
+    with pytest.raises(ValueError, match="same shape"):
+        logit_metrics(a, b[:, :3])
+
+
+# ---------------------------------------------------------------- the lean decoder (FastQuantModel)
+
+def _rel(a, b) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def test_q8_0_as_int4_rebuilds_every_weight_exactly():
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(16, 64, generator=g) * 3
+    w[0] = 0; w[1, :32] = 0.7; w[2, 5] = 40.0; w[3] = -w[3].abs()        # zero, constant, outlier, all negative
+    blocks = quantize(w, "q8_0")
+    blocks.view(-1, 34)[0, 2] = 0x80                                       # q = -128: legal in a GGUF file
+    packed, sz = q8_0_as_int4(blocks, tuple(w.shape))
+    assert packed.dtype == torch.uint8 and sz.shape == (2 * w.shape[1] // 32, w.shape[0], 2)
+    d = blocks.view(-1, 34)[:, :2].contiguous().view(torch.float16).float()
+    q = blocks.view(-1, 34)[:, 2:].contiguous().view(torch.int8).to(torch.int32)
+    hi, lo = torch.div(q, 16, rounding_mode="floor"), q % 16
+    assert hi.min() >= -8 and hi.max() <= 7 and torch.equal(16 * hi + lo, q)
+    eye = torch.eye(w.shape[1]).bfloat16()
+    w_kernel = Int4Matmul(blocks, "q8_0", tuple(w.shape))(eye).float().T   # (out, in): the weights the kernel uses
+    ref = dequantize(blocks, "q8_0", tuple(w.shape))
+    assert _rel(w_kernel, ref) < 5e-3      # d rounded to bf16, and the bf16 output: 2^-9 relative each
+    assert torch.equal(w_kernel == 0, ref == 0)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_int4_matmul_matches_the_dequantized_product(scheme):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(37, 96, generator=g)                                   # rows: not a multiple of anything
+    blocks = quantize(w, scheme)
+    x = torch.randn(3, 96, generator=g).bfloat16()
+    got = Int4Matmul(blocks, scheme, (37, 96))(x)
+    exact = F.linear(x.float(), dequantize(blocks, scheme, (37, 96)))
+    assert got.shape == (3, 37) and got.dtype == torch.bfloat16 and _rel(got, exact) < 1e-2
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("tied", [True, False])
+def test_fast_quant_model_matches_the_quantized_transformer(scheme, tied):
+    q = quantize_model(small_model(tied), scheme, "q8_0", backend="dequant")
+    fast = FastQuantModel(q)
+    tokens = torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = q(tokens)                                                    # (1, 12, vocab) exact dequantized
+        full = fast(tokens)                                                # prefill in one pass
+        assert full.shape == ref.shape and full.dtype == torch.float32
+        assert _rel(full, ref) < 0.03
+        assert fast.cache_len == 12
+        # prefill 5, a chunk of 4 at start_pos=5 (masked), then 3 single steps: the same logits
+        parts = [fast(tokens[:, :5], 0), fast(tokens[:, 5:9], 5)]
+        parts += [fast(tokens[:, i:i + 1], i) for i in range(9, 12)]
+        assert _rel(torch.cat(parts, dim=1), ref) < 0.03
+        last = fast(tokens, 0, last_only=True)
+        assert last.shape == (1, 1, 96) and _rel(last[0, -1], ref[0, -1]) < 0.03
+
+
+def test_fast_quant_model_with_float_output_and_bad_input():
+    q = quantize_model(small_model(), "q4_0", output_scheme=None, backend="dequant")
+    fast = FastQuantModel(q)
+    tokens = torch.randint(0, 96, (1, 6), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert _rel(fast(tokens), q(tokens)) < 0.03
+    with pytest.raises(ValueError, match=r"one sequence: tokens must be \(1, seq\), got \(2, 6\)"):
+        fast(tokens.repeat(2, 1))
+    with pytest.raises(ValueError, match=r"start_pos must be an int in 0..6"):
+        fast(tokens[:, :1], 7)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        fast(torch.tensor([[96]]), 0)
+    with pytest.raises(ValueError, match="exceeds max_seq_len=64"):
+        fast(torch.zeros(1, 65, dtype=torch.long), 0)
+    with pytest.raises(TypeError, match="integer tensor"):
+        fast(torch.zeros(1, 3), 0)
+    with pytest.raises(ValueError, match="not quantized"):
+        FastQuantModel(small_model())
+    with pytest.raises(TypeError, match="must be a course_lib Transformer"):
+        FastQuantModel(torch.nn.Linear(2, 2))
+    assert weight_bytes(fast) < weight_bytes(small_model())                # caches and RoPE tables not counted
+
+
+# ---------------------------------------------------------------- the real model (one load for the file)
+
+@pytest.fixture(scope="module")
+def smollm2():
+    path = fetch_smollm2(progress=False)
+    return path, load_gguf_model(path, max_seq_len=256)
+
+
+@pytest.fixture(scope="module")
+def wiki_ids(smollm2):
+    transformers = pytest.importorskip("transformers")
+    path, _ = smollm2
+    tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    text = (ROOT / "data" / "wikitext-2-test.txt").read_text(encoding="utf-8")[:4000]
+    return torch.tensor(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def test_perplexity_matches_transformers_on_smollm2(smollm2, wiki_ids):
+    transformers = pytest.importorskip("transformers")
+    path, model = smollm2
+    transformers.logging.set_verbosity_error()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                           torch_dtype=torch.float32).eval()
+    ids = wiki_ids[:150]
+    for context_len, stride in [(64, 64), (64, 40)]:
+        ref = hf_perplexity(hf, ids, context_len, stride)
+        got = perplexity(model, ids, context_len, stride)
+        assert abs(got - ref) / ref <= 1e-4, (context_len, stride, got, ref)
+
+
+def test_quantized_smollm2_quality_and_tokens(smollm2, wiki_ids):
+    _, model = smollm2
+    q4 = quantize_model(copy.deepcopy(model), "q4_1")
+    r = compare_models(q4, model, wiki_ids[:200], 100)
+    assert r["kl"] < 0.05 and r["top1"] > 0.9 and abs(r["perplexity"] / r["reference_perplexity"] - 1) < 0.05
+    # teacher-forced along the float32 model's greedy continuation: q4_1 picks the same token nearly always
+    prompt = wiki_ids[20:32].tolist()
+    ref = list(generate_tokens(model, prompt, 16))
+    with torch.no_grad():
+        picks = q4(torch.tensor([prompt + ref]), 0)[0, len(prompt) - 1:-1].argmax(-1).tolist()
+    assert sum(a == b for a, b in zip(picks, ref)) >= 13
+    assert matching_prefix(ref, ref) == 16 and matching_prefix([1, 2, 3], [1, 5, 3]) == 1
+    assert weight_bytes(q4) < weight_bytes(model) / 3   # int4 layers + the bf16 copy of the q8_0 output
+
+
+# ---------------------------------------------------------------- checkers
+
+def test_checkers_pass_the_course_implementation():
+    assert check_quantize_q8_0(quantize_q8_0)
+    assert check_quantize_q4_1(quantize_q4_1)
+
+
+def test_check_quantize_q8_0_catches_mistakes():
+    def half_even(x):
+        d = x.abs().amax(1, keepdim=True) / 127
+        q = torch.round(x / torch.where(d == 0, 1.0, d))
+        return torch.cat([d.half().view(torch.uint8), q.to(torch.int8).view(torch.uint8)], 1)
+    r = check_quantize_q8_0(half_even)
+    assert not r and "half away from zero" in str(r)
+    def fp16_first(x):
+        d = (x.abs().amax(1, keepdim=True) / 127).half()
+        q = round_half_away(x * torch.where(d == 0, 0.0, 1 / d.float()))
+        return torch.cat([d.view(torch.uint8), q.to(torch.int8).view(torch.uint8)], 1)
+    r = check_quantize_q8_0(fp16_first)
+    assert not r and "float32 d" in str(r)
+    def stub(x):
+        raise NotImplementedError
+    assert "NotImplementedError" in str(check_quantize_q8_0(stub))
+
+
+def test_check_quantize_q4_1_catches_mistakes():
+    def interleaved(x):
+        mn, mx = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
+        d = (mx - mn) / 15
+        q = ((x - mn) * torch.where(d == 0, 0.0, 1 / d) + 0.5).trunc().clamp(0, 15).to(torch.uint8)
+        return torch.cat([d.half().view(torch.uint8), mn.half().view(torch.uint8), q[:, 0::2] | (q[:, 1::2] << 4)], 1)
+    r = check_quantize_q4_1(interleaved)
+    assert not r and "interleaved" in str(r)
+    def half_even(x):
+        mn, mx = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
+        d = (mx - mn) / 15
+        q = torch.round((x - mn) * torch.where(d == 0, 0.0, 1 / d)).clamp(0, 15).to(torch.uint8)
+        return torch.cat([d.half().view(torch.uint8), mn.half().view(torch.uint8), q[:, :16] | (q[:, 16:] << 4)], 1)
+    r = check_quantize_q4_1(half_even)
+    assert not r and "half to even" in str(r)
+    def fp16_d(x):
+        mn, mx = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
+        d = ((mx - mn) / 15).half().float()
+        q = ((x - mn) * torch.where(d == 0, 0.0, 1 / d) + 0.5).trunc().clamp(0, 15).to(torch.uint8)
+        return torch.cat([d.half().view(torch.uint8), mn.half().view(torch.uint8), q[:, :16] | (q[:, 16:] << 4)], 1)
+    r = check_quantize_q4_1(fp16_d)
+    assert not r and "float32 d" in str(r)
+
+
+def test_fast_quant_model_on_smollm2_stays_close_to_float32(smollm2, wiki_ids):
+    _, model = smollm2
+    fast = FastQuantModel(quantize_model(copy.deepcopy(model), "q4_1"))
+    ids = wiki_ids[:120]
+    with torch.no_grad():
+        ref, got = model(ids[None]), fast(ids[None])
+    r = logit_metrics(ref[0], got[0])
+    assert r["kl"] < 0.05 and r["top1"] > 0.9
+    tokens = list(generate_tokens(fast, ids[:12].tolist(), 8))            # generate_tokens drives it as is
+    assert len(tokens) == 8
