@@ -1,4 +1,4 @@
-"""`python -m course_lib COMMAND`: the course's command line (fetch, generate, chat).
+"""`python -m course_lib COMMAND`: the course's command line (fetch, generate, chat, grade).
 
 Written by hand and kept tiny: it only calls `main`, which notebook 07d exports into `course_lib.cli`.
 """

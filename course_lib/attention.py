@@ -2,9 +2,9 @@
 
 # %% auto #0
 __all__ = ['causal_mask', 'scaled_dot_product', 'repeat_kv', 'scaled_dot_product_gqa', 'KVCache', 'Attention', 'kv_cache_bytes',
-           'check_causal_mask', 'check_repeat_kv', 'check_scaled_dot_product']
+           'check_causal_mask', 'check_repeat_kv', 'check_scaled_dot_product', 'check_KVCache']
 
-# %% ../notebooks/04_attention.ipynb #310da40c
+# %% ../notebooks/04_attention.ipynb #c06beccf
 import math
 import operator
 from typing import Optional
@@ -16,7 +16,7 @@ from torch import nn
 from .checking import Case, CheckResult, compare, run_cases
 from .rope import apply_rotary_emb
 
-# %% ../notebooks/04_attention.ipynb #e8b9a059
+# %% ../notebooks/04_attention.ipynb #0561a78b
 def _as_int(name: str, value, minimum: int) -> int:
     "`value` as an int >= `minimum`, else a TypeError/ValueError that names the argument."
     if isinstance(value, bool):
@@ -37,7 +37,7 @@ def causal_mask(seq_len: int, start_pos: int = 0, device=None) -> torch.Tensor:
     # query i sits at absolute position start_pos + i and sees keys 0 .. start_pos + i
     return torch.triu(mask, diagonal=start_pos + 1)  # (seq_len, start_pos + seq_len)
 
-# %% ../notebooks/04_attention.ipynb #dd487601
+# %% ../notebooks/04_attention.ipynb #42f5bfba
 def _check_sdp_inputs(q, k, v, mask, grouped: bool = False):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -79,7 +79,7 @@ def scaled_dot_product(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     probs = F.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).type_as(q)
     return probs @ v                                            # (batch, n_heads, seq, head_dim)
 
-# %% ../notebooks/04_attention.ipynb #283bd894
+# %% ../notebooks/04_attention.ipynb #927772c7
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     "Share each K/V head with n_rep query heads: (batch, seq, n_kv_heads, head_dim) -> (batch, seq, n_kv_heads*n_rep, head_dim)."
     if not isinstance(x, torch.Tensor):
@@ -94,7 +94,7 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
             .expand(bsz, seq, n_kv_heads, n_rep, head_dim)      # (batch, seq, n_kv_heads, n_rep, head_dim), a view
             .reshape(bsz, seq, n_kv_heads * n_rep, head_dim))   # head h uses K/V head h // n_rep
 
-# %% ../notebooks/04_attention.ipynb #80698eb8
+# %% ../notebooks/04_attention.ipynb #d35721d7
 def scaled_dot_product_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     "repeat_kv + scaled_dot_product without copying K/V. q: (batch, n_heads, seq, head_dim); k, v: (batch, n_kv_heads, kv_len, head_dim)."
@@ -116,7 +116,7 @@ def _grouped_attention(q, k, v, mask):
     probs = F.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).type_as(q)
     return (probs @ v).view(bsz, n_heads, seq, head_dim)       # (batch, n_heads, seq, head_dim)
 
-# %% ../notebooks/04_attention.ipynb #31278274
+# %% ../notebooks/04_attention.ipynb #a2009efa
 class KVCache(nn.Module):
     "Preallocated keys and values, (max_batch_size, max_seq_len, n_kv_heads, head_dim) each, filled in place."
     def __init__(self, max_batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int,
@@ -157,7 +157,7 @@ class KVCache(nn.Module):
         self.batch_size, self.length = bsz, end
         return self.cache_k[:bsz, :end], self.cache_v[:bsz, :end]  # (batch, end, n_kv_heads, head_dim) views
 
-# %% ../notebooks/04_attention.ipynb #eb55075b
+# %% ../notebooks/04_attention.ipynb #5f3ccc4a
 class Attention(nn.Module):
     "Causal self-attention with grouped K/V heads (MHA when n_kv_heads == n_heads, MQA when 1) and a KV cache."
     def __init__(self, dim: int, n_heads: int, n_kv_heads: Optional[int] = None, max_seq_len: int = 2048):
@@ -241,7 +241,7 @@ class Attention(nn.Module):
         out = _grouped_attention(xq.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), mask)
         return self.wo(out.transpose(1, 2).reshape(bsz, seq, -1))         # (batch, seq, dim)
 
-# %% ../notebooks/04_attention.ipynb #36432fe2
+# %% ../notebooks/04_attention.ipynb #15d8154b
 def kv_cache_bytes(n_layers: int, n_kv_heads: int, head_dim: int, seq_len: int,
                    batch_size: int = 1, bytes_per_value: float = 2) -> int:
     "Bytes of a KV cache: K and V for every layer, KV head, position and sequence (fp16/bf16: 2 bytes per value)."
@@ -252,7 +252,7 @@ def kv_cache_bytes(n_layers: int, n_kv_heads: int, head_dim: int, seq_len: int,
         raise ValueError(f"bytes_per_value must be a positive number (2 for fp16, 0.5 for int4), got {bytes_per_value!r}")
     return math.ceil(2 * n_layers * n_kv_heads * head_dim * seq_len * batch_size * bytes_per_value)
 
-# %% ../notebooks/04_attention.ipynb #4d4a8a49
+# %% ../notebooks/04_attention.ipynb #4ea322a7
 def _mask_problem(actual, seq_len: int, start_pos: int) -> Optional[str]:
     "None if `actual` is the causal mask for (seq_len, start_pos), else what is wrong with it."
     expected = causal_mask(seq_len, start_pos)
@@ -310,7 +310,7 @@ def check_causal_mask(candidate) -> CheckResult:
         Case("6 new tokens after 2 cached: causal_mask(6, 2)", case(6, 2), hint=rule),
     ])
 
-# %% ../notebooks/04_attention.ipynb #67d3088f
+# %% ../notebooks/04_attention.ipynb #3aeb6e6a
 def _repeat_problem(candidate, x: torch.Tensor, n_rep: int) -> Optional[str]:
     "None if candidate(x, n_rep) equals repeat_kv(x, n_rep), else what is wrong with it."
     expected = repeat_kv(x, n_rep)
@@ -361,7 +361,7 @@ def check_repeat_kv(candidate) -> CheckResult:
              hint="repeating only copies values: keep the input's dtype, and group the heads as h // n_rep"),
     ])
 
-# %% ../notebooks/04_attention.ipynb #47cec747
+# %% ../notebooks/04_attention.ipynb #7d72d6c0
 def _sdp_variants(q, k, v, mask) -> dict:
     "Outputs of the usual mistakes, to name the one a wrong answer matches."
     def attend(scale, softmax_dim=-1, use_mask=True):
@@ -411,4 +411,97 @@ def check_scaled_dot_product(candidate) -> CheckResult:
              case(1, 4, 3, 7, 8, start_pos=4), hint="the mask (seq, kv_len) broadcasts over batch and heads; the scale is still 1/√head_dim"),
         Case("large scores: q and k × 10, head_dim 64, causal_mask(5)", case(1, 2, 5, 5, 64, start_pos=0, scale=10.0),
              hint="exp of scores near 100 overflows float32: use torch.softmax (it subtracts the row maximum)"),
+    ])
+
+# %% ../notebooks/04_attention.ipynb #8477f525
+def _kv_step_problem(what: str, got, expected: torch.Tensor, new: torch.Tensor, start_pos: int,
+                     max_batch_size: int, max_seq_len: int) -> Optional[str]:
+    "None if the `what` (keys or values) returned by update match `expected`, else what is wrong, naming the mistake."
+    if not isinstance(got, torch.Tensor):
+        return f"{what} should be a torch.Tensor, got {type(got).__name__}"
+    bsz, seq = new.shape[:2]
+    end = start_pos + seq
+    if got.dim() == 4 and tuple(got.shape[2:]) == tuple(expected.shape[2:]) and tuple(got.shape) != tuple(expected.shape):
+        problem = f"{what} have shape {tuple(got.shape)}, expected {tuple(expected.shape)} = (batch, start_pos + seq, n_kv_heads, head_dim)"
+        if got.shape[1] == seq and start_pos > 0:
+            return problem + (f"; it returns only the {seq} new position(s), not everything cached so far: "
+                              f"attention needs the keys of positions 0 … {end - 1}")
+        if got.shape[1] == max_seq_len:
+            return problem + "; it returns the whole preallocated cache: slice it to the start_pos + seq positions filled so far"
+        if got.shape[1] > end:
+            return problem + (f"; it returns {got.shape[1]} positions, more than the {end} of this sequence "
+                              "(stale entries from an earlier, longer sequence?)")
+        if got.shape[0] == max_batch_size != bsz:
+            return problem + f"; it returns all max_batch_size={max_batch_size} rows: slice to the batch size of xk"
+        return problem
+    problem = compare(got, expected, what=what, atol=0, rtol=0)
+    if problem is None:
+        return None
+    if tuple(got.shape) == tuple(expected.shape) and start_pos > 0 and torch.equal(got[:, :seq], new) \
+            and not torch.equal(expected[:, :seq], new):
+        return (f"{problem}; positions 0 … {seq - 1} hold the new entries: it writes at position 0 "
+                f"instead of at start_pos={start_pos}, overwriting the start of the sequence")
+    return problem
+
+
+def _kv_case(steps: list, max_batch_size: int = 2, max_seq_len: int = 16, n_kv_heads: int = 2, head_dim: int = 4,
+             dtype=torch.float32):
+    "A case: a fresh cache gets update(start_pos, xk, xv) for each (start_pos, batch, seq) step; every return is compared."
+    g = torch.Generator().manual_seed(len(steps) * 100 + max_seq_len)
+    data = [(start_pos, torch.randn(bsz, seq, n_kv_heads, head_dim, generator=g).to(dtype),
+             torch.randn(bsz, seq, n_kv_heads, head_dim, generator=g).to(dtype)) for start_pos, bsz, seq in steps]
+    def run(candidate):
+        ref = KVCache(max_batch_size, max_seq_len, n_kv_heads, head_dim, dtype=dtype)
+        cache = candidate(max_batch_size, max_seq_len, n_kv_heads, head_dim, dtype=dtype)
+        for i, (start_pos, xk, xv) in enumerate(data):
+            keys, values = ref.update(start_pos, xk, xv)
+            step = f"update #{i + 1} (start_pos={start_pos}, xk {tuple(xk.shape)})"
+            xk_in, xv_in = xk.clone(), xv.clone()
+            out = cache.update(start_pos, xk_in, xv_in)
+            if not isinstance(out, tuple) or len(out) != 2:
+                return f"{step} should return a (keys, values) tuple, got {type(out).__name__}"
+            got_k, got_v = out
+            if isinstance(got_k, torch.Tensor) and isinstance(got_v, torch.Tensor) and got_k.shape == keys.shape \
+                    and got_v.shape == values.shape and torch.equal(got_k, values) and torch.equal(got_v, keys):
+                return f"{step}: keys and values are swapped; return (keys, values) in that order"
+            for what, got, want, new in (("keys", got_k, keys, xk), ("values", got_v, values, xv)):
+                problem = _kv_step_problem(what, got, want, new, start_pos, max_batch_size, max_seq_len)
+                if problem is not None:
+                    return f"{step}: {problem}"
+        return None
+    return run
+
+
+def _kv_overflow_case(candidate) -> Optional[str]:
+    "update past max_seq_len must raise ValueError, not write partially or fail with a shape error."
+    cache = candidate(1, 8, 2, 4)
+    cache.update(0, torch.zeros(1, 6, 2, 4), torch.zeros(1, 6, 2, 4))
+    try:
+        cache.update(6, torch.ones(1, 3, 2, 4), torch.ones(1, 3, 2, 4))
+    except ValueError:
+        return None
+    except NotImplementedError:
+        raise
+    except Exception as e:
+        return f"raised {type(e).__name__} ({e}), expected a ValueError that names start_pos + seq and max_seq_len"
+    return "accepted 3 tokens at start_pos=6 in a cache of max_seq_len=8; raise ValueError"
+
+
+def check_KVCache(candidate) -> CheckResult:
+    "Check a `KVCache(max_batch_size, max_seq_len, n_kv_heads, head_dim, dtype=..)` class: `update(start_pos, xk, xv)` returns all keys and values so far."
+    offset = "write xk, xv at positions start_pos … start_pos + seq - 1, then return cache[:batch, :start_pos + seq]"
+    return run_cases("KVCache", candidate, [
+        Case("a 5-token prompt, then one decode step at start_pos=5", _kv_case([(0, 1, 5), (5, 1, 1)]), hint=offset),
+        Case("prompt of 3, a 4-token chunk at start_pos=3, then 2 decode steps", _kv_case([(0, 2, 3), (3, 2, 4), (7, 2, 1), (8, 2, 1)]),
+             hint="a chunk at start_pos > 0 lands after the cached positions; the return covers the prompt too"),
+        Case("batch 2 in a cache for max_batch_size=4", _kv_case([(0, 2, 4), (4, 2, 1)], max_batch_size=4),
+             hint="return only the rows of this batch: cache[:xk.shape[0], :start_pos + seq]"),
+        Case("a new 2-token sequence at start_pos=0 after a 6-token one", _kv_case([(0, 1, 6), (6, 1, 1), (0, 1, 2)]),
+             hint="start_pos=0 starts over: return the 2 new positions only, not what the earlier sequence left"),
+        Case("filling the cache exactly: 8 positions of max_seq_len=8", _kv_case([(0, 1, 7), (7, 1, 1)], max_seq_len=8),
+             hint="start_pos + seq == max_seq_len is allowed"),
+        Case("a bfloat16 cache", _kv_case([(0, 1, 3), (3, 1, 1)], dtype=torch.bfloat16),
+             hint="allocate the buffers with the dtype passed to the constructor; copying must not change the values"),
+        Case("3 tokens at start_pos=6 in a cache of max_seq_len=8", _kv_overflow_case,
+             hint="check start_pos + seq <= max_seq_len before writing, and raise ValueError naming both"),
     ])

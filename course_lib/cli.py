@@ -3,7 +3,7 @@
 # %% auto #0
 __all__ = ['QUANT_CHOICES', 'load_model', 'main']
 
-# %% ../notebooks/07d_cli.ipynb #67571db0
+# %% ../notebooks/07d_cli.ipynb #fc894169
 import argparse
 import sys
 from pathlib import Path
@@ -12,7 +12,7 @@ from .generation import METHODS, GenerationStats, generate_stream
 from .gguf_tokenizer import load_gguf, load_smollm2
 from .weights import FetchError, _add_fetch_command
 
-# %% ../notebooks/07d_cli.ipynb #55211cc3
+# %% ../notebooks/07d_cli.ipynb #11ebdcb1
 QUANT_CHOICES = ("none", "q8_0", "q4_0", "q4_1")
 
 
@@ -37,7 +37,7 @@ def load_model(model: str = "smollm2", max_seq_len=None, quant: str = "none"):
     from course_lib.quantization import FastQuantModel, quantize_model   # chapter 08
     return FastQuantModel(quantize_model(float_model, quant)), tokenizer
 
-# %% ../notebooks/07d_cli.ipynb #65905757
+# %% ../notebooks/07d_cli.ipynb #601e9959
 def _add_sampling_options(p) -> None:
     p.add_argument("--model", default="smollm2", help="'smollm2' (default) or the path of a .gguf file")
     p.add_argument("--max-new-tokens", type=int, default=128, help="stop after this many new tokens (default 128)")
@@ -90,7 +90,7 @@ def _add_generate_command(commands) -> None:
     _add_sampling_options(p)
     p.set_defaults(run=_run_generate)
 
-# %% ../notebooks/07d_cli.ipynb #8662109e
+# %% ../notebooks/07d_cli.ipynb #4e731da0
 def _run_chat(a, inp=None, out=None) -> None:
     out = out or sys.stdout
     model, tokenizer = load_model(a.model, a.max_seq_len, a.quant)
@@ -123,7 +123,28 @@ def _add_chat_command(commands) -> None:
     _add_sampling_options(p)
     p.set_defaults(run=_run_chat)
 
-# %% ../notebooks/07d_cli.ipynb #4b876b75
+# %% ../notebooks/07d_cli.ipynb #e52b46b0
+def _run_grade(a, out=None) -> None:
+    out = out or sys.stdout
+    from course_lib import grading                      # chapter 10: imported when the command runs
+    hw = grading.get_homework(a.homework)                # unknown homework: ValueError, one line
+    if a.timeout <= 0 or a.memory_mb <= 0:
+        raise ValueError(f"--timeout and --memory-mb must be > 0, got {a.timeout:g} and {a.memory_mb:g}")
+    results = grading.grade(hw, a.submissions, csv_path=a.csv or f"grades-{hw.name}.csv",
+                            timeout=a.timeout, memory_mb=a.memory_mb, out=out)
+    print(f"wrote {a.csv or f'grades-{hw.name}.csv'} ({len(results)} submissions)", file=sys.stderr)
+
+
+def _add_grade_command(commands) -> None:
+    p = commands.add_parser("grade", help="grade homework submissions (.py or .ipynb), each in its own process")
+    p.add_argument("homework", help="which homework: attention, decoding or quantization")
+    p.add_argument("submissions", nargs="+", help="submission files; the student's name is the file's stem")
+    p.add_argument("--csv", default=None, help="where to write student,score,max_score,feedback (default grades-HW.csv)")
+    p.add_argument("--timeout", type=float, default=120, help="seconds each submission may run (default 120)")
+    p.add_argument("--memory-mb", type=float, default=4096, help="memory each submission may map, in MB (default 4096)")
+    p.set_defaults(run=_run_grade)
+
+# %% ../notebooks/07d_cli.ipynb #d6deb375
 def main(argv=None) -> int:
     "`python -m course_lib COMMAND ...`: returns the exit code (0 ok, 1 error, 2 bad command line)."
     parser = argparse.ArgumentParser(prog="python -m course_lib",
@@ -132,6 +153,7 @@ def main(argv=None) -> int:
     _add_fetch_command(commands)
     _add_generate_command(commands)
     _add_chat_command(commands)
+    _add_grade_command(commands)
     args = parser.parse_args(argv)   # a bad command line exits with code 2 and a usage line
     try:
         args.run(args)

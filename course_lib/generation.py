@@ -4,9 +4,9 @@
 __all__ = ['METHODS', 'TOP_P_TOLERANCE', 'apply_temperature', 'greedy', 'top_k_filter', 'top_p_filter', 'min_p_filter',
            'next_token_probs', 'sampling_settings', 'sample_next_token', 'apply_repetition_penalty', 'GenerationStats',
            'decoder_device', 'generate_tokens', 'generate_stream', 'generate', 'SamplingTable', 'sampling_table',
-           'check_top_p_filter', 'check_apply_repetition_penalty']
+           'check_top_p_filter', 'check_apply_repetition_penalty', 'check_apply_temperature', 'check_top_k_filter']
 
-# %% ../notebooks/07c_generation.ipynb #7c8b188b
+# %% ../notebooks/07c_generation.ipynb #21e72ee3
 import math
 import operator
 import time
@@ -19,7 +19,7 @@ import torch
 from .checking import Case, CheckResult, compare, run_cases
 from .model import ModelArgs, Transformer
 
-# %% ../notebooks/07c_generation.ipynb #36d64055
+# %% ../notebooks/07c_generation.ipynb #8bc8eecb
 METHODS = ("greedy", "temperature", "top_k", "top_p", "min_p")
 TOP_P_TOLERANCE = 1e-6   # a prefix whose mass is within this of top_p counts as reaching it (float rounding)
 
@@ -91,7 +91,7 @@ def _check_min_p(min_p) -> float:
         raise ValueError(f"min_p must be in [0, 1], got {min_p!r}")
     return p
 
-# %% ../notebooks/07c_generation.ipynb #e97eb4a9
+# %% ../notebooks/07c_generation.ipynb #7e8832d2
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     "logits / temperature, (vocab,) or (batch, vocab): below 1 sharpens the distribution, above 1 flattens it."
     _check_logits(logits)
@@ -119,7 +119,7 @@ def _keep_first(ids: torch.Tensor, keep_sorted: torch.Tensor) -> torch.Tensor:
     "A (..., vocab) mask in id order from a mask in ranked order."
     return torch.zeros_like(keep_sorted).scatter(-1, ids, keep_sorted)
 
-# %% ../notebooks/07c_generation.ipynb #7369969e
+# %% ../notebooks/07c_generation.ipynb #35d1de24
 def top_k_filter(probs: torch.Tensor, top_k: int) -> torch.Tensor:
     "Keep the top_k most likely tokens (lower ids first among ties), zero the others, renormalize. (vocab,) or (batch, vocab)."
     _check_probs(probs)
@@ -150,7 +150,7 @@ def min_p_filter(probs: torch.Tensor, min_p: float) -> torch.Tensor:
     threshold = min_p * probs.max(dim=-1, keepdim=True).values       # (..., 1)
     return _renormalize(probs, probs >= threshold)
 
-# %% ../notebooks/07c_generation.ipynb #fe699874
+# %% ../notebooks/07c_generation.ipynb #3d60e811
 def next_token_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
                      top_p: Optional[float] = None, min_p: Optional[float] = None) -> torch.Tensor:
     "The distribution the next token is drawn from: softmax(logits / temperature), then top-k, top-p, min-p (those not None), in that order."
@@ -170,7 +170,7 @@ def next_token_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: Opti
         probs = min_p_filter(probs, min_p)
     return probs
 
-# %% ../notebooks/07c_generation.ipynb #14c41be6
+# %% ../notebooks/07c_generation.ipynb #6bf0a924
 def sampling_settings(method: str = "greedy", temperature: float = 1.0, top_k: Optional[int] = None,
                       top_p: Optional[float] = None, min_p: Optional[float] = None) -> Optional[dict]:
     "Validate a method and its arguments: None for 'greedy', else the keyword arguments of next_token_probs."
@@ -204,7 +204,7 @@ def sample_next_token(logits: torch.Tensor, method: str = "greedy", temperature:
     draws = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)  # (rows, 1)
     return draws.view(probs.shape[:-1])
 
-# %% ../notebooks/07c_generation.ipynb #eab5c18f
+# %% ../notebooks/07c_generation.ipynb #fb7520e2
 def apply_repetition_penalty(logits: torch.Tensor, previous_ids, penalty: float) -> torch.Tensor:
     "CTRL's repetition penalty (as transformers applies it): logits of tokens in previous_ids divided by penalty if > 0, multiplied if < 0."
     _check_logits(logits)
@@ -224,7 +224,7 @@ def apply_repetition_penalty(logits: torch.Tensor, previous_ids, penalty: float)
     score = torch.where(score > 0, score / penalty, score * penalty)  # both make a seen token less likely
     return logits.scatter(-1, ids, score)                             # a new tensor; repeated ids count once
 
-# %% ../notebooks/07c_generation.ipynb #fd81223f
+# %% ../notebooks/07c_generation.ipynb #fb5bf92e
 @dataclass
 class GenerationStats:
     "Timings of one generate_tokens run: the prefill (whole prompt, one pass) and each decode step."
@@ -247,7 +247,7 @@ class GenerationStats:
                 f"({self.prefill_tokens_per_s:.0f} tokens/s) | decode: {len(self.step_seconds)} tokens in "
                 f"{1e3 * sum(self.step_seconds):.0f} ms ({self.decode_tokens_per_s:.1f} tokens/s)")
 
-# %% ../notebooks/07c_generation.ipynb #e559f193
+# %% ../notebooks/07c_generation.ipynb #61bfa428
 def _check_prompt_ids(prompt_ids, vocab_size: int) -> list:
     if isinstance(prompt_ids, torch.Tensor):
         if prompt_ids.dim() != 1 or prompt_ids.dtype.is_floating_point or prompt_ids.dtype == torch.bool:
@@ -286,7 +286,7 @@ def _optional_id(name: str, value, vocab_size: int) -> Optional[int]:
         raise ValueError(f"{name}={value} is outside the vocabulary [0, vocab_size={vocab_size})")
     return value
 
-# %% ../notebooks/07c_generation.ipynb #b89838ea
+# %% ../notebooks/07c_generation.ipynb #97d98ff0
 def decoder_device(model) -> torch.device:
     "The device of a decoder: a course_lib Transformer, or any model with its interface (chapters 08 and 09 add faster ones)."
     if isinstance(model, Transformer):
@@ -359,7 +359,7 @@ def _generate(model, device, prompt, max_new_tokens, settings, generator, eos_id
         tokens = torch.tensor([[next_id]], device=device)                 # (1, 1): decode one token
         seen.append(next_id)
 
-# %% ../notebooks/07c_generation.ipynb #acab5ecb
+# %% ../notebooks/07c_generation.ipynb #9db10b4a
 def _stream_text(tokenizer, ids: Iterator[int], eos_id: Optional[int]) -> Iterator[str]:
     "Text pieces as token ids arrive; a character split over several tokens waits for its last byte; eos ends it."
     got, shown = [], ""
@@ -393,7 +393,7 @@ def generate(model: Transformer, tokenizer, prompt: str, max_new_tokens: int = 1
     "The completion of `prompt` as text (without the eos token). sampling: method, temperature, top_k, top_p, min_p, seed, ..."
     return "".join(generate_stream(model, tokenizer, prompt, max_new_tokens, stop_at_eos, **sampling))
 
-# %% ../notebooks/07c_generation.ipynb #d6a96ddb
+# %% ../notebooks/07c_generation.ipynb #7b2ddb80
 @dataclass
 class SamplingTable:
     "The most likely next tokens with their probability before and after temperature and the filters."
@@ -431,7 +431,7 @@ def sampling_table(logits: torch.Tensor, tokenizer, temperature: float = 1.0, to
     return SamplingTable(rows, int(kept.sum()), float(p[kept].sum()), logits.shape[-1],
                          {k: v for k, v in settings.items() if v is not None})
 
-# %% ../notebooks/07c_generation.ipynb #16f0d52b
+# %% ../notebooks/07c_generation.ipynb #6ab030a8
 def _first_mismatch(got, expected, candidates) -> str:
     "The description of the first mistake whose output `got` matches, or ''."
     for description, wrong in candidates:
@@ -439,7 +439,7 @@ def _first_mismatch(got, expected, candidates) -> str:
             return f"; your output matches a version that {description}"
     return ""
 
-# %% ../notebooks/07c_generation.ipynb #f2323f2c
+# %% ../notebooks/07c_generation.ipynb #a5db9fe9
 def _nucleus_size(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     "How many tokens top_p_filter keeps in each row, (...,)."
     return (top_p_filter(probs, top_p) > 0).sum(-1)
@@ -519,7 +519,7 @@ def check_top_p_filter(candidate) -> CheckResult:
     ]
     return run_cases("top_p_filter", candidate, cases)
 
-# %% ../notebooks/07c_generation.ipynb #0f95e790
+# %% ../notebooks/07c_generation.ipynb #29596e34
 def _penalty_mistakes(logits: torch.Tensor, ids: list, penalty: float) -> list:
     seen = torch.zeros_like(logits, dtype=torch.bool)
     seen[..., torch.as_tensor(ids, dtype=torch.long)] = True
@@ -572,3 +572,132 @@ def check_apply_repetition_penalty(candidate) -> CheckResult:
              hint="with no previous tokens nothing changes"),
     ]
     return run_cases("apply_repetition_penalty", candidate, cases)
+
+# %% ../notebooks/07c_generation.ipynb #2faba898
+def _temperature_mistakes(logits: torch.Tensor, temperature: float) -> list:
+    return [("multiplies by the temperature: divide, so that T < 1 sharpens and T > 1 flattens", logits * temperature),
+            ("returns probabilities (a softmax): apply_temperature returns logits; the softmax comes later",
+             torch.softmax(logits.float() / temperature, dim=-1).to(logits.dtype)),
+            ("ignores the temperature", logits),
+            ("divides by temperature²", logits / temperature ** 2)]
+
+
+def _temperature_case(logits: torch.Tensor, temperature: float):
+    def run(candidate):
+        expected = apply_temperature(logits, temperature)
+        x = logits.clone()
+        got = candidate(x, temperature)
+        if not torch.equal(x, logits):
+            return "modified the logits passed in; return a new tensor (logits / temperature)"
+        problem = compare(got, expected, what="output", atol=1e-6, rtol=1e-5)
+        if problem is not None and isinstance(got, torch.Tensor) and got.shape == expected.shape:
+            problem += _first_mismatch(got, expected, _temperature_mistakes(logits, temperature))
+        return problem
+    return run
+
+
+def _bad_temperature_case(temperature: float):
+    def run(candidate):
+        try:
+            got = candidate(torch.tensor([1.0, -2.0, 0.5]), temperature)
+        except ValueError:
+            return None
+        except NotImplementedError:
+            raise
+        except Exception as e:
+            return f"raised {type(e).__name__} ({e}), expected a ValueError naming temperature"
+        shown = got.tolist() if isinstance(got, torch.Tensor) else got
+        return f"returned {shown} for temperature={temperature}; raise ValueError (temperature must be > 0)"
+    return run
+
+
+def check_apply_temperature(candidate) -> CheckResult:
+    "Check an apply_temperature(logits, temperature) -> logits, (vocab,) and (batch, vocab)."
+    g = torch.Generator().manual_seed(2)
+    rand = torch.randn(32, generator=g) * 3                                      # (32,)
+    batch = torch.randn(3, 20, generator=g) * 2                                 # (3, 20)
+    masked = torch.tensor([2.0, float("-inf"), -1.0, 0.5, float("-inf")])       # banned tokens stay banned
+    rule = "divide every logit by the temperature: logits / temperature"
+    cases = [
+        Case("32 random logits, temperature 0.7 (sharper)", _temperature_case(rand, 0.7), hint=rule),
+        Case("batch of 3 rows, temperature 2.0 (flatter)", _temperature_case(batch, 2.0),
+             hint="the same division for every row; keep the (batch, vocab) shape"),
+        Case("temperature 1.0 leaves the logits unchanged", _temperature_case(rand, 1.0),
+             hint="return the logits themselves, not probabilities"),
+        Case("logits with -inf (banned tokens), temperature 0.5", _temperature_case(masked, 0.5),
+             hint="-inf / T is still -inf: no clamping or masking needed"),
+        Case("bfloat16 logits, temperature 0.8", _temperature_case(rand.bfloat16(), 0.8),
+             hint="keep the logits' dtype: divide by a Python float"),
+        Case("temperature 0", _bad_temperature_case(0.0),
+             hint="temperature 0 would divide by zero; raise ValueError (greedy decoding is the T → 0 limit)"),
+        Case("temperature -1", _bad_temperature_case(-1.0),
+             hint="a negative temperature flips the ranking; raise ValueError"),
+    ]
+    return run_cases("apply_temperature", candidate, cases)
+
+# %% ../notebooks/07c_generation.ipynb #03d75ffe
+def _top_k_mistakes(probs: torch.Tensor, top_k: int) -> list:
+    vocab = probs.shape[-1]
+    k = min(top_k, vocab)
+    n = torch.full(probs.shape[:-1], k)
+    kth = torch.sort(probs, dim=-1, descending=True).values[..., k - 1:k]          # (..., 1)
+    with_ties = torch.where(probs >= kth, probs, torch.zeros_like(probs))
+    return [  # the tie version first: where it differs from the right answer, it is the better diagnosis
+        ("keeps every token tied with the k-th (probs >= k-th largest): exactly k are kept, ties go to the lower id",
+         with_ties / with_ties.sum(-1, keepdim=True)),
+        ("keeps k + 1 tokens (an off-by-one in the rank comparison)", _keep_n(probs, n + 1) if k < vocab else None),
+        ("keeps k - 1 tokens (an off-by-one in the rank comparison)", _keep_n(probs, n - 1) if k > 1 else None),
+        ("does not renormalize: the kept probabilities must be divided by their sum", _keep_n(probs, n, renormalize=False)),
+        ("keeps the k least likely tokens (an ascending sort)", _keep_n(probs, n, ascending=True)),
+        ("returns the kept probabilities in sorted order instead of at their token ids",
+         torch.sort(top_k_filter(probs, top_k), dim=-1, descending=True, stable=True).values),
+    ]
+
+
+def _top_k_case(probs: torch.Tensor, top_k: int):
+    def run(candidate):
+        expected = top_k_filter(probs, top_k)
+        x = probs.clone()
+        got = candidate(x, top_k)
+        if not torch.equal(x, probs):
+            return "modified its input probs in place; return a new tensor"
+        problem = compare(got, expected, what="output", atol=1e-6, rtol=1e-5)
+        if problem is None or not isinstance(got, torch.Tensor) or got.shape != expected.shape:
+            return problem
+        kept, want = (got > 0).sum(-1), (expected > 0).sum(-1)
+        if not torch.equal(kept, want):
+            problem += f"; it keeps {kept.tolist()} token(s) per row, expected {want.tolist()}"
+        mismatch = _first_mismatch(got, expected, _top_k_mistakes(probs, top_k))
+        if not mismatch and torch.equal(kept, want) and compare(
+                got.sort(-1).values, expected.sort(-1).values, atol=1e-6, rtol=1e-5, check_dtype=False) is None:
+            mismatch = ("; it keeps the right probabilities at other ids: among equal probabilities the lower id "
+                        "comes first (torch.topk picks among ties in no set order; use torch.sort(..., stable=True))")
+        return problem + mismatch
+    return run
+
+
+def check_top_k_filter(candidate) -> CheckResult:
+    "Check a top_k_filter(probs, top_k) -> probs: the k most likely kept at their ids, renormalized; (vocab,) and (batch, vocab)."
+    g = torch.Generator().manual_seed(3)
+    smooth = torch.softmax(torch.randn(50, generator=g) * 2, dim=-1)                       # (50,)
+    batch = torch.softmax(torch.randn(3, 40, generator=g) * torch.tensor([[0.5], [2.0], [4.0]]), dim=-1)
+    shuffled = _dyadic(0.0625, 0.25, 0.03125, 0.5, 0.125, 0.03125)                          # not sorted
+    rule = ("sort from most to least likely, keep the first top_k, put them back at their ids, "
+            "zero the rest and divide by the sum of the kept ones")
+    cases = [
+        Case("probs [0.0625, 0.25, 0.03125, 0.5, 0.125, 0.03125] (ids not in order), top_k=3",
+             _top_k_case(shuffled, 3), hint=rule),
+        Case("50 tokens, softmax of random logits, top_k=10", _top_k_case(smooth, 10), hint=rule),
+        Case("batch of 3 rows (flat, medium, peaked), top_k=5: each row keeps its own 5",
+             _top_k_case(batch, 5), hint="sort along the last dimension only"),
+        Case("top_k=1 keeps only the most likely token (greedy)", _top_k_case(smooth, 1),
+             hint="one token left, with probability 1"),
+        Case("a tie at the edge: probs [0.125, 0.25, 0.125, 0.25, 0.25], top_k=2",
+             _top_k_case(_dyadic(0.125, 0.25, 0.125, 0.25, 0.25), 2),
+             hint="exactly top_k tokens are kept; among equal probabilities the lower ids win: torch.sort(..., stable=True)"),
+        Case("40 equal probabilities, top_k=3", _top_k_case(torch.full((40,), 1 / 40), 3),
+             hint="all tied: keep ids 0, 1, 2, each with probability 1/3"),
+        Case("top_k=100 with only 6 tokens keeps everything", _top_k_case(shuffled, 100),
+             hint="top_k larger than the vocabulary keeps every token (clamp k; torch.topk would raise)"),
+    ]
+    return run_cases("top_k_filter", candidate, cases)

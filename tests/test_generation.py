@@ -5,6 +5,7 @@ same SmolLM2 GGUF (greedy, repetition penalty, seeded sampling), plus the decode
 import functools
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -13,7 +14,8 @@ import torch.nn.functional as F
 
 from course_lib.attention import causal_mask, repeat_kv, scaled_dot_product, scaled_dot_product_gqa
 from course_lib.generation import (METHODS, GenerationStats, SamplingTable, _stream_text, apply_repetition_penalty,
-                                   apply_temperature, check_apply_repetition_penalty, check_top_p_filter, generate,
+                                   apply_temperature, check_apply_repetition_penalty, check_apply_temperature,
+                                   check_top_k_filter, check_top_p_filter, generate,
                                    generate_stream, generate_tokens, greedy, min_p_filter, next_token_probs,
                                    sample_next_token, sampling_settings, sampling_table, top_k_filter, top_p_filter)
 from course_lib.model import PRESETS, ModelArgs, Transformer
@@ -687,6 +689,80 @@ def test_check_apply_repetition_penalty():
         assert not result and message in str(result), (wrong.__name__, str(result))
     with pytest.raises(TypeError):
         check_apply_repetition_penalty("apply")
+
+
+def test_check_apply_temperature():
+    assert check_apply_temperature(apply_temperature)
+
+    def independent(logits, temperature):
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        return logits * (1 / temperature)
+    assert check_apply_temperature(independent)
+
+    def unchecked(logits, temperature):  # right where temperature > 0, silently divides by zero at 0
+        return logits / temperature
+
+    def in_place(logits, temperature):
+        if temperature <= 0:
+            raise ValueError("temperature")
+        return logits.div_(temperature)
+
+    def probabilities(logits, temperature):
+        if temperature <= 0:
+            raise ValueError("temperature")
+        return torch.softmax(logits / temperature, dim=-1)
+    for wrong, message in [(lambda logits, t: logits * t, "multiplies by the temperature"),
+                           (probabilities, "returns probabilities"),
+                           (in_place, "modified the logits passed in"),
+                           (unchecked, r"returned \[inf, -inf, inf\] for temperature=0.0; raise ValueError")]:
+        result = check_apply_temperature(wrong)
+        assert not result and re.search(message, str(result)), str(result)
+    assert len(check_apply_temperature(unchecked).failures) == 2       # only the two bad temperatures
+    with pytest.raises(TypeError):
+        check_apply_temperature(1.0)
+
+
+def buggy_top_k(kind):
+    def f(probs, top_k):
+        if kind == "topk":  # torch.topk: right except where probabilities tie
+            top = torch.topk(probs, min(top_k, probs.shape[-1]), dim=-1)
+            kept = torch.zeros_like(probs).scatter(-1, top.indices, top.values)
+            return kept / kept.sum(-1, keepdim=True)
+        if kind == "threshold":  # keeps every token tied with the k-th
+            k = min(top_k, probs.shape[-1])
+            kth = probs.sort(dim=-1, descending=True).values[..., k - 1:k]
+            kept = torch.where(probs >= kth, probs, torch.zeros_like(probs))
+            return kept / kept.sum(-1, keepdim=True)
+        s, idx = torch.sort(probs, dim=-1, descending=True, stable=True)
+        rank = torch.arange(probs.shape[-1])
+        keep = rank <= top_k if kind == "one_too_many" else rank < top_k
+        kept = torch.zeros_like(probs).scatter(-1, idx, s * keep)
+        return kept if kind == "no_renorm" else kept / kept.sum(-1, keepdim=True)
+    return f
+
+
+def test_check_top_k_filter():
+    assert check_top_k_filter(top_k_filter)
+    assert check_top_k_filter(buggy_top_k("right"))
+    for kind, message in [("one_too_many", "keeps k \\+ 1 tokens"), ("no_renorm", "does not renormalize"),
+                          ("threshold", "keeps every token tied with the k-th"),
+                          ("topk", "keeps the right probabilities at other ids.*torch.sort")]:
+        result = check_top_k_filter(buggy_top_k(kind))
+        assert not result and re.search(message, str(result)), (kind, str(result))
+    assert "it keeps 4 token(s) per row, expected 3" in str(check_top_k_filter(buggy_top_k("one_too_many")))
+
+    def stub(probs, top_k):
+        raise NotImplementedError
+    result = check_top_k_filter(stub)
+    assert not result and len(result.failures) == 1 and "NotImplementedError" in str(result)
+
+    def in_place(probs, top_k):
+        probs[probs < probs.sort(dim=-1, descending=True).values[..., min(top_k, probs.shape[-1]) - 1:][..., :1]] = 0
+        return probs / probs.sum(-1, keepdim=True)
+    assert "modified its input" in str(check_top_k_filter(in_place))
+    with pytest.raises(TypeError):
+        check_top_k_filter(None)
 
 
 # ------------------------------------------------------------------ SmolLM2 against transformers' generate

@@ -4,6 +4,7 @@ own loss), the gguf reader and chapter 07's loader (GGUF export), plus bad input
 import copy
 import math
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -16,7 +17,8 @@ gguf = pytest.importorskip("gguf")
 
 from course_lib.model import ModelArgs, Transformer, from_hf
 from course_lib.quantization import (QuantEmbedding, QuantLinear, absmax_dequantize, absmax_quantize,
-                                     check_quantize_q4_1, check_quantize_q8_0, compare_models, dequantize,
+                                     check_perplexity, check_quantize_q4_0, check_quantize_q4_1, check_quantize_q8_0,
+                                     compare_models, dequantize, quantize_q4_0,
                                      export_gguf, fake_quantize, load_quantized, logit_metrics, perplexity,
                                      quantization_error, quantize, quantize_model, quantize_q4_1,
                                      quantize_q8_0, round_half_away, save_quantized, set_backend, to_int4pack,
@@ -536,6 +538,19 @@ def test_quantized_smollm2_quality_and_tokens(smollm2, wiki_ids):
 def test_checkers_pass_the_course_implementation():
     assert check_quantize_q8_0(quantize_q8_0)
     assert check_quantize_q4_1(quantize_q4_1)
+    assert check_quantize_q4_0(quantize_q4_0)
+    assert check_perplexity(perplexity)
+
+
+def test_checkers_pass_independent_implementations():
+    def via_gguf(qtype):
+        def f(x):
+            return torch.from_numpy(np.ascontiguousarray(gguf.quants.quantize(x.numpy(), QTYPE[qtype]))).reshape(len(x), -1)
+        return f
+    assert check_quantize_q8_0(via_gguf("Q8_0"))
+    assert check_quantize_q4_0(via_gguf("Q4_0"))
+    assert check_quantize_q4_1(via_gguf("Q4_1"))
+    assert check_perplexity(_ppl)
 
 
 def test_check_quantize_q8_0_catches_mistakes():
@@ -578,6 +593,92 @@ def test_check_quantize_q4_1_catches_mistakes():
         return torch.cat([d.half().view(torch.uint8), mn.half().view(torch.uint8), q[:, :16] | (q[:, 16:] << 4)], 1)
     r = check_quantize_q4_1(fp16_d)
     assert not r and "float32 d" in str(r)
+
+
+def _q4_0(x, d=None, round_=lambda v: (v + 8.5).trunc(), pack=lambda q: q[:, :16] | (q[:, 16:] << 4), clamp=True):
+    "A from-scratch Q4_0 quantizer with switches for the usual mistakes."
+    if d is None:
+        d = x.gather(1, x.abs().argmax(1, keepdim=True)) / -8
+    q = round_(x * torch.where(d == 0, 0.0, 1 / d))
+    q = (q.clamp(0, 15) if clamp else q).to(torch.uint8)
+    return torch.cat([d.half().view(torch.uint8), pack(q)], 1)
+
+
+def test_check_quantize_q4_0_catches_mistakes():
+    assert check_quantize_q4_0(_q4_0)
+    r = check_quantize_q4_0(lambda x: _q4_0(x, d=x.abs().amax(1, keepdim=True) / -8))
+    assert not r and "d is absmax / -8" in str(r) and "one block -16" in str(r)
+    r = check_quantize_q4_0(lambda x: _q4_0(x, d=x.abs().amax(1, keepdim=True) / 7, round_=lambda v: (v + 8).round()))
+    assert not r and "d is absmax / 7" in str(r) and len(r.failures) == 7   # a symmetric scale: wrong everywhere
+    r = check_quantize_q4_0(lambda x: _q4_0(x, round_=lambda v: torch.round(v + 8)))
+    assert not r and "half to even" in str(r) and "halfway" in str(r)
+    r = check_quantize_q4_0(lambda x: _q4_0(x, pack=lambda q: q[:, 0::2] | (q[:, 1::2] << 4)))
+    assert not r and "interleaved" in str(r)
+    r = check_quantize_q4_0(lambda x: _q4_0(x, pack=lambda q: q[:, 16:] | (q[:, :16] << 4)))
+    assert not r and "they belong in the LOW nibbles" in str(r)
+    r = check_quantize_q4_0(lambda x: _q4_0(x, clamp=False))
+    assert not r and "not clamped to 15" in str(r)
+    def fp16_d(x):
+        d = (x.gather(1, x.abs().argmax(1, keepdim=True)) / -8).half().float()
+        return _q4_0(x, d=d)
+    r = check_quantize_q4_0(fp16_d)
+    assert not r and "float32 d" in str(r)
+    def stub(x):
+        raise NotImplementedError
+    assert len(check_quantize_q4_0(stub).failures) == 1
+
+
+def _ppl(model, token_ids, context_len, stride=None, *, shift="right", per_window=False, count_first=False,
+         first_targets=False, all_targets=False, no_exp=False, ignore_stride=False):
+    "A from-scratch sliding-window perplexity (Hugging Face's recipe) with switches for the usual mistakes."
+    ids = torch.as_tensor(token_ids).long()
+    stride = context_len if stride is None or ignore_stride else stride
+    total, count, means, prev_end = 0.0, 0, [], 0
+    with torch.no_grad():
+        for begin in range(0, len(ids), stride):
+            end = min(begin + context_len, len(ids))
+            n_new = min(end - prev_end, end - begin - 1)
+            prev_end = end
+            if n_new > 0:
+                window = ids[begin:end]
+                logp = torch.log_softmax(model(window[None], 0)[0].float(), -1)
+                target = window[1:] if shift == "right" else window[:-1]  # "same": logits[i] against token i
+                nll = -logp[:-1].gather(1, target[:, None])[:, 0]
+                nll = nll if all_targets else nll[:n_new] if first_targets else nll[-n_new:]
+                total += nll.double().sum().item()
+                count += nll.numel() + (1 if count_first else 0)
+                means.append(nll.double().mean().item())
+            if end == len(ids):
+                break
+    mean = sum(means) / len(means) if per_window else total / count
+    return mean if no_exp else math.exp(mean)
+
+
+@pytest.mark.parametrize("mistake,message", [
+    ({"per_window": True}, "averages the per-window mean NLLs"),
+    ({"count_first": True}, "counts the first token of each window"),
+    ({"first_targets": True}, "scores the first n_scored targets of each window"),
+    ({"all_targets": True}, "counting the overlap again"),
+    ({"shift": "same"}, "is off by one: position i's logits predict token i \\+ 1"),
+    ({"ignore_stride": True}, "ignores stride"),
+    ({"no_exp": True}, "returns the mean NLL"),
+])
+def test_check_perplexity_catches_mistakes(mistake, message):
+    result = check_perplexity(lambda *args, **kwargs: _ppl(*args, **kwargs, **mistake))
+    assert not result and re.search(message, str(result)), str(result)
+
+
+def test_check_perplexity_stub_type_and_rng():
+    def stub(model, token_ids, context_len, stride=None):
+        raise NotImplementedError
+    assert len(check_perplexity(stub).failures) == 1
+    r = check_perplexity(lambda *args, **kwargs: torch.tensor([_ppl(*args, **kwargs)] * 2))
+    assert not r and "should return a float, got Tensor" in str(r)
+    state = torch.get_rng_state()
+    check_perplexity(perplexity)
+    assert torch.equal(state, torch.get_rng_state())
+    with pytest.raises(TypeError):
+        check_perplexity("perplexity")
 
 
 def test_fast_quant_model_on_smollm2_stays_close_to_float32(smollm2, wiki_ids):

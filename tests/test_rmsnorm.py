@@ -250,8 +250,12 @@ def test_check_rms_norm_catches_mistakes():
     no_upcast = lambda x, w, eps: x * torch.rsqrt(_ms(x) + eps) * w
     layer_style = lambda x, w, eps: F.layer_norm(x.float(), x.shape[-1:], eps=eps).type_as(x) * w
     hard_coded_eps = lambda x, w, eps: (x.float() * torch.rsqrt(_ms(x.float()) + 1e-6)).type_as(x) * w
+    no_eps = lambda x, w, eps: (x.float() * torch.rsqrt(_ms(x.float()))).type_as(x) * w
+    wrong_axis = lambda x, w, eps: (x.float() * torch.rsqrt(_ms(x.float(), 0) + eps)).type_as(x) * w
     for candidate, bit in [(no_upcast, "x² overflows"), (layer_style, "that is LayerNorm"),
-                           (hard_coded_eps, "eps dominates: rms_norm(x, weight, eps) differs")]:
+                           (hard_coded_eps, "eps dominates: rms_norm(x, weight, eps) differs"),
+                           (no_eps, "all-zero x (2, 64): rms_norm(x, weight, eps) has NaN"),
+                           (wrong_axis, "averages x² over dimension 0 instead of the last dimension")]:
         result = check_rms_norm(candidate)
         assert not result and bit in str(result), str(result)
     assert "ignores eps" in str(check_rms_norm(hard_coded_eps))

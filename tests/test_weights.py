@@ -17,7 +17,8 @@ gguf = pytest.importorskip("gguf")
 
 import course_lib.weights as W
 from course_lib.cli import main
-from course_lib.weights import (FetchError, args_from_gguf, check_dequantize_q4_1, check_gguf_to_meta_name,
+from course_lib.weights import (FetchError, args_from_gguf, check_dequantize_q4_0, check_dequantize_q4_1,
+                                check_dequantize_q8_0, check_gguf_to_meta_name,
                                 check_merge_meta_shards, dequantize_gguf_tensor, dequantize_q4_0,
                                 dequantize_q4_1, dequantize_q8_0, fetch_smollm2, gguf_to_meta_name,
                                 load_gguf_model, load_hf_checkpoint, load_meta_checkpoint,
@@ -694,6 +695,66 @@ def test_check_dequantize_q4_1():
     r = check_dequantize_q4_1(lambda blocks: dequantize_q4_1(blocks).reshape(-1))
     assert not r and "shape" in str(r)
     assert "dequantize_q4_1(" not in str(r)  # never shows the solution
+
+
+def _via_gguf(ggml_type):
+    "An independent dequantizer: the gguf package's numpy reference."
+    def f(blocks):
+        if not len(blocks):
+            return torch.zeros(0, 32)
+        out = gguf.quants.dequantize(blocks.numpy().reshape(-1), QTYPE[ggml_type])
+        return torch.from_numpy(np.ascontiguousarray(out)).float().reshape(-1, 32)
+    return f
+
+
+def test_check_dequantize_q8_0():
+    assert check_dequantize_q8_0(dequantize_q8_0)
+    assert check_dequantize_q8_0(_via_gguf("Q8_0"))
+    def unsigned(blocks):
+        return blocks[:, 2:].float() * W._fp16(blocks[:, :2])
+    r = check_dequantize_q8_0(unsigned)
+    assert not r and "the values are read as uint8" in str(r) and "got 255, expected -1" in str(r)
+    def big_endian(blocks):
+        return blocks[:, 2:].contiguous().view(torch.int8).float() * W._fp16(blocks[:, [1, 0]])
+    r = check_dequantize_q8_0(big_endian)
+    assert not r and "d is read big-endian" in str(r)
+    def integer_d(blocks):
+        return blocks[:, 2:].contiguous().view(torch.int8).float() * blocks[:, :2].contiguous().view(torch.int16).float()
+    r = check_dequantize_q8_0(integer_d)
+    assert not r and "d is read as an integer" in str(r)
+    r = check_dequantize_q8_0(lambda blocks: dequantize_q8_0(blocks).half())
+    assert not r and "dtype torch.float16, expected torch.float32" in str(r)
+    r = check_dequantize_q8_0(lambda blocks: dequantize_q8_0(blocks).reshape(-1))
+    assert not r and "shape" in str(r)
+    assert "dequantize_q8_0(" not in str(r)  # never shows the solution
+
+
+def test_check_dequantize_q4_0():
+    assert check_dequantize_q4_0(dequantize_q4_0)
+    assert check_dequantize_q4_0(_via_gguf("Q4_0"))
+    def interleaved(blocks):
+        qs = blocks[:, 2:]
+        return (torch.stack([qs & 15, qs >> 4], dim=2).reshape(-1, 32).float() - 8) * W._fp16(blocks[:, :2])
+    r = check_dequantize_q4_0(interleaved)
+    assert not r and "the nibbles are interleaved" in str(r)
+    def no_offset(blocks):
+        return W._nibbles(blocks[:, 2:]).float() * W._fp16(blocks[:, :2])
+    r = check_dequantize_q4_0(no_offset)
+    assert not r and "the -8 is missing" in str(r)
+    def signed_nibbles(blocks):
+        q = W._nibbles(blocks[:, 2:]).float()
+        return torch.where(q >= 8, q - 16, q) * W._fp16(blocks[:, :2])
+    r = check_dequantize_q4_0(signed_nibbles)
+    assert not r and "signed 4-bit" in str(r)
+    def q4_1_layout(blocks):  # nibbles from byte 4, as if there were an m
+        n = len(blocks)
+        q = torch.cat([blocks[:, 4:] & 15, torch.zeros(n, 2, dtype=torch.uint8), blocks[:, 4:] >> 4,
+                       torch.zeros(n, 2, dtype=torch.uint8)], 1)
+        return (q.float()) * W._fp16(blocks[:, :2])
+    r = check_dequantize_q4_0(q4_1_layout)
+    assert not r and "Q4_1's layout" in str(r)
+    r = check_dequantize_q4_0(lambda blocks: dequantize_q4_0(blocks)[:, :16])
+    assert not r and "shape (1, 16), expected (1, 32)" in str(r)
 
 
 def test_check_merge_meta_shards():

@@ -1,0 +1,2 @@
+"""Hostile: raises while loading."""
+raise RuntimeError("boom while loading")
