@@ -28,6 +28,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")        # no progress bars from transf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
+from tqdm import tqdm
 
 from course_lib.generation import generate_tokens
 from course_lib.gguf_tokenizer import GGUFTokenizer
@@ -94,7 +95,7 @@ def main(argv=None) -> int:
     first_eos = outputs["course_lib out_in"].index(eos) if eos in outputs["course_lib out_in"] else None
 
     times = {name: [] for name in contenders}
-    for _ in range(args.runs):
+    for _ in tqdm(range(args.runs), desc="alternating runs", unit="run", file=sys.stderr):
         for name, fn in contenders.items():                             # take turns, run after run
             t0 = time.perf_counter()
             fn()

@@ -22,13 +22,14 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from course_lib.quantization import (FastQuantModel, compare_models, matching_prefix, perplexity,  # noqa: E402
-                                     quantize_model, set_backend, weight_bytes)
+from course_lib.quantization import (FastQuantModel, compare_models, find_c_compiler, matching_prefix,  # noqa: E402
+                                     perplexity, quantize_model, set_backend, weight_bytes)
 from course_lib.weights import fetch_smollm2, load_gguf_model, read_gguf  # noqa: E402
 
 
@@ -120,8 +121,10 @@ def main(argv=None):
     course = {"float32": base, "bfloat16": to_dtype(base, torch.bfloat16), "float16": to_dtype(base, torch.float16)}
     for scheme in ("q8_0", "q4_0", "q4_1"):
         course[scheme] = quantize_model(copy.deepcopy(base), scheme, "q8_0", backend="fast")
-    for scheme in ("q8_0", "q4_0", "q4_1"):   # the lean decoder over the same blocks (notebook 08)
-        course[f"{scheme} lean"] = FastQuantModel(course[scheme])
+    for scheme in ("q8_0", "q4_0", "q4_1"):   # the lean decoder over the same blocks (notebook 08): torch path
+        course[f"{scheme} lean"] = FastQuantModel(course[scheme], kernel="torch")
+    for scheme in ("q8_0", "q4_0", "q4_1"):   # ... and the whole decode step in C
+        course[f"{scheme} C"] = FastQuantModel(course[scheme], kernel="c")
     if a.with_dequant:
         course["q4_1 dequant"] = set_backend(quantize_model(copy.deepcopy(base), "q4_1", "q8_0"), "dequant")
     runners = {f"course_lib {k}": (lambda m=m: decode_course(m, prompt, a.tokens)) for k, m in course.items()}
@@ -147,7 +150,9 @@ def main(argv=None):
             runners["llama.cpp Q4_1 (same GGUF)"] = lambda: decode_llama_cpp(llm, prompt, a.tokens)
             mem["llama.cpp Q4_1 (same GGUF)"] = path.stat().st_size / 1e6
             import llama_cpp
-            llama_note = f"llama.cpp: llama-cpp-python {llama_cpp.__version__}"
+            info = llama_cpp.llama_print_system_info()
+            info = (info.decode() if isinstance(info, bytes) else str(info)).strip().rstrip("|").strip()
+            llama_note = f"llama.cpp: llama-cpp-python {llama_cpp.__version__} ({info})"
         except ImportError:
             pass
 
@@ -156,7 +161,7 @@ def main(argv=None):
     tokens = {}
     for name, run in runners.items():
         tokens[name] = run()[1]
-    for _ in range(a.runs):
+    for _ in tqdm(range(a.runs), desc="speed runs", unit="run", file=sys.stderr):
         for name, run in runners.items():
             times[name].append(run()[0])
 
@@ -165,17 +170,20 @@ def main(argv=None):
     ids = torch.tensor(encode(text[: a.eval_tokens * 6]))[: a.eval_tokens]
     quality = {}
     if a.eval_tokens:
-        quality["course_lib float32"] = {"perplexity": perplexity(base, ids, a.context), "kl": 0.0, "top1": 1.0}
+        quality["course_lib float32"] = {"perplexity": perplexity(base, ids, a.context, progress=True), "kl": 0.0, "top1": 1.0}
         for k, m in course.items():
             if k != "float32" and not k.endswith("dequant"):
-                quality[f"course_lib {k}"] = compare_models(m, base, ids, a.context)
+                quality[f"course_lib {k}"] = compare_models(m, base, ids, a.context, progress=True)
     if hf is not None and a.eval_tokens:
-        quality["transformers float32"] = {"perplexity": perplexity(HFAsCourse(hf), ids, a.context)}
+        quality["transformers float32"] = {"perplexity": perplexity(HFAsCourse(hf), ids, a.context, progress=True)}
 
     ref_tokens = tokens["course_lib float32"]
     print(f"SmolLM2-135M-Instruct (Q4_1 GGUF; 'float32' = dequantized Q4_1); torch {torch.__version__}, "
           f"{a.threads} threads; {a.tokens} decode tokens, median of {a.runs} alternating runs; "
           f"quality on {len(ids)} WikiText-2 test tokens ({tok_name} tokenizer), windows of {a.context}; {llama_note}")
+    c_models = [m for m in course.values() if getattr(m, "kernel", None) == "c"]
+    if c_models:
+        print(f"course_lib C step: {c_models[0].c_step.simd} matvecs, compiled with {find_c_compiler()}")
     print(f"{'':>28} {'weights MB':>10} {'tok/s':>7} {'(min-max)':>13} {'same greedy':>11} {'perplexity':>10} "
           f"{'KL':>8} {'top-1':>6}")
     for name in runners:
@@ -187,7 +195,8 @@ def main(argv=None):
               f"{f'({min(tps):.0f}-{max(tps):.0f})':>13} {f'{same}/{a.tokens}':>11} {fmt('perplexity', '.3f'):>10} "
               f"{fmt('kl', '.5f'):>8} {fmt('top1', '.4f'):>6}")
     print("weights MB: what the forward pass reads (course_lib fast paths: the int4-packed copy, or bf16 for "
-          "q8_0; the GGUF blocks kept for saving are not counted); llama.cpp: the GGUF file. "
+          "q8_0; the GGUF blocks kept for saving are not counted; C: the repacked GGUF blocks, one Q8_0 matrix for "
+          "embedding and output); llama.cpp: the GGUF file. "
           "same greedy: leading tokens identical to course_lib float32.")
 
 

@@ -26,5 +26,8 @@ from .generation import (METHODS, decoder_device, top_k_filter, top_p_filter, mi
                          generate_stream, generate, sampling_table)
 from .quantization import (SCHEMES, quantize, dequantize, QuantLinear, QuantEmbedding, quantize_model,  # 08
                            weight_bytes, save_quantized, load_quantized, export_gguf, perplexity,
-                           logit_metrics, compare_models, Int4Matmul, FastQuantModel)
+                           logit_metrics, compare_models, Int4Matmul, FastQuantModel, CDecodeStep, CCompilerError)
+from .cuda import (CudaQuantModel, Backend, get_backend, gpu_available, backend_status, decode_source,  # 09
+                   repack_blocks, unpack_blocks, QuantMatrix, upload_matrix, peak_bandwidth,
+                   decode_bytes_per_token, tokens_per_second_bound, compile_ptx, plot_roofline)
 from . import check

@@ -23,6 +23,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from .attention import causal_mask, kv_cache_bytes
 from .checking import compare
@@ -590,10 +591,11 @@ def write_csv(results: list, path) -> Path:
 
 
 def grade(homework, submissions, csv_path=None, timeout: float = 60, memory_mb: float = 4096,
-          out=None) -> list:
+          out=None, progress: bool = False) -> list:
     "Grade every submission (each in its own process), print the table to `out`, write the CSV if asked."
     hw = get_homework(homework)
-    results = [grade_submission(hw, p, timeout=timeout, memory_mb=memory_mb) for p in submissions]
+    bar = tqdm(list(submissions), desc=f"grading {hw.name}", unit="submission", disable=not progress, file=sys.stderr)
+    results = [grade_submission(hw, p, timeout=timeout, memory_mb=memory_mb) for p in bar]
     if out is not None:
         print(format_table(results), file=out)
     if csv_path is not None:

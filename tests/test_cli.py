@@ -20,7 +20,7 @@ def smollm2():
 @pytest.fixture
 def loaded(smollm2, monkeypatch):
     "Load the model once for the whole file: main() would load it on every call."
-    monkeypatch.setattr(cli, "load_model", lambda model="smollm2", max_seq_len=None, quant="none": smollm2)
+    monkeypatch.setattr(cli, "load_model", lambda model="smollm2", max_seq_len=None, quant="none", device="cpu": smollm2)
     return smollm2
 
 
@@ -73,7 +73,7 @@ def test_chat_answers_and_keeps_the_conversation(loaded, capsys):
     lines = iter(["What is the capital of France?", "/reset", "/quit"])
     ns = argparse.Namespace(model="smollm2", max_seq_len=None, system=None, max_new_tokens=12, method="greedy",
                             temperature=1.0, top_k=None, top_p=None, min_p=None, seed=None, stats=False,
-                            quant="none")
+                            quant="none", device="cpu")
     cli._run_chat(ns, inp=lambda: next(lines))
     out = capsys.readouterr().out
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
@@ -103,3 +103,33 @@ def test_unknown_quant_is_a_usage_error(capsys):
     assert e.value.code == 2 and "--quant" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--quant must be one of none, q8_0, q4_0, q4_1, got 'int3'"):
         cli.load_model("smollm2", quant="int3")
+
+
+def test_device_cuda_without_a_gpu_is_one_line(monkeypatch, capsys):
+    import course_lib.cuda as cuda
+    monkeypatch.setattr(cuda, "gpu_available", lambda: (False, "CuPy is not installed (pip install cupy-cuda12x)"))
+    monkeypatch.setattr(cli, "_load_float", lambda *a: pytest.fail("the model was loaded before the GPU check"))
+    assert cli.main(["generate", "hi", "--device", "cuda", "--quant", "q4_0"]) == 1
+    err = capsys.readouterr().err
+    assert err == ("error: --device cuda needs an NVIDIA GPU with CuPy: CuPy is not installed "
+                   "(pip install cupy-cuda12x); use --device cpu\n")
+
+
+def test_device_cuda_is_quantized_only(capsys):
+    assert cli.main(["generate", "hi", "--device", "cuda"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "add --quant q8_0, q4_0 or q4_1" in err
+    with pytest.raises(SystemExit) as e:
+        cli.main(["generate", "hi", "--device", "tpu"])
+    assert e.value.code == 2
+    with pytest.raises(ValueError, match="--device must be one of cpu, cuda, got 'gpu'"):
+        cli.load_model("smollm2", quant="q4_0", device="gpu")
+
+
+def test_device_cuda_really_without_a_gpu(capsys):
+    from course_lib.cuda import gpu_available
+    if gpu_available()[0]:
+        pytest.skip("this machine has a GPU")
+    assert cli.main(["generate", "hi", "--device", "cuda", "--quant", "q4_0"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --device cuda needs an NVIDIA GPU with CuPy: ") and err.count("\n") == 1

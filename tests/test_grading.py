@@ -101,8 +101,10 @@ def test_grade_command_prints_the_table_and_writes_the_csv(tmp_path, capsys):
     out = tmp_path / "grades.csv"
     assert cli.main(["grade", "quantization", str(SOLUTIONS / "quantization.py"), str(HOSTILE / "sys_exit.py"),
                      str(tmp_path / "missing.py"), "--csv", str(out), "--timeout", "20"]) == 0
-    table = capsys.readouterr().out
+    captured = capsys.readouterr()
+    table = captured.out
     assert "quantize (3)" in table and "total (10)" in table and "sys_exit" in table
+    assert "grading quantization: 100%" in captured.err and "3/3" in captured.err   # the progress bar
     rows = list(csv.DictReader(out.open()))
     assert [r["student"] for r in rows] == ["quantization", "sys_exit", "missing"]
     assert [r["score"] for r in rows] == ["10", "0", "0"] and rows[0]["feedback"] == "all tests passed"

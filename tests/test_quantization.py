@@ -396,6 +396,21 @@ def test_perplexity_by_hand_and_bad_input():
         perplexity(ours, torch.arange(10), 1)
 
 
+
+def test_long_operations_show_a_progress_bar(capsys):
+    "perplexity, compare_models and quantize_model draw a tqdm bar on stderr when asked, and nothing otherwise."
+    _, ours = hf_small()
+    ids = torch.arange(40) % 96
+    perplexity(ours, ids, 16)
+    assert capsys.readouterr().err == ""
+    perplexity(ours, ids, 16, progress=True)
+    assert "perplexity: 100%" in capsys.readouterr().err            # 40 tokens in windows of 16: 3 windows
+    compare_models(ours, ours, ids, 16, progress=True)
+    assert "comparing: 100%" in capsys.readouterr().err
+    quantize_model(copy.deepcopy(ours), "q8_0", progress=True)
+    err = capsys.readouterr().err
+    assert "quantizing to q8_0: 100%" in err and f"{ours.args.n_layers}/{ours.args.n_layers}" in err
+
 def test_logit_metrics_against_kl_div():
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(2, 7, 50, generator=g), torch.randn(2, 7, 50, generator=g)
@@ -691,3 +706,195 @@ def test_fast_quant_model_on_smollm2_stays_close_to_float32(smollm2, wiki_ids):
     assert r["kl"] < 0.05 and r["top1"] > 0.9
     tokens = list(generate_tokens(fast, ids[:12].tolist(), 8))            # generate_tokens drives it as is
     assert len(tokens) == 8
+
+
+# ---------------------------------------------------------------- the whole decode step in C (FastQuantModel kernel="c")
+from course_lib import quantization as _quant                                    # noqa: E402
+from course_lib.quantization import (CCompilerError, CDecodeStep, build_c_step, c_matvec, c_simd_level,  # noqa: E402
+                                     find_c_compiler, repack_rows8, unpack_rows8)
+
+needs_cc = pytest.mark.skipif(find_c_compiler() is None, reason="no C compiler")
+# the code paths of C_STEP_SOURCE: what -march=native picks, AVX2 without VNNI, and the plain-C loops
+C_PATHS = [(), ("COURSE_NO_VNNI",), ("COURSE_PORTABLE",)]
+TINY = ModelArgs(dim=192, n_layers=3, n_heads=6, n_kv_heads=2, vocab_size=1001, hidden_dim=320, max_seq_len=48,
+                 tie_embeddings=False)                                           # GQA 3, vocab not a multiple of 8 or 16
+
+
+def tiny_model(tied=False, seed=0):
+    torch.manual_seed(seed)
+    m = Transformer(ModelArgs(**{**TINY.__dict__, "tie_embeddings": tied})).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.mul_(3.0)
+    return m
+
+
+def emulated_matvec(blocks, scheme, shape, x):
+    "The C matvec's arithmetic, independently: x rounded to int8 blocks (half to even), exact weights, float64 sums."
+    w = dequantize(blocks, scheme, shape).double()
+    xb = x.double().reshape(-1, 32)
+    d = xb.abs().amax(1, keepdim=True).float().div(127).double()                 # d = absmax / 127 in float32
+    q = torch.where(d > 0, torch.round(xb.float() * (127 / xb.abs().amax(1, keepdim=True).float())).double(), 0 * xb)
+    return w @ (q * d).reshape(-1)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("rows", [8, 21, 1001])
+def test_repack_rows8_is_a_permutation_of_the_gguf_bytes(scheme, rows):
+    blocks = quantize(torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows)), scheme)
+    p = repack_rows8(blocks, scheme)
+    assert p.shape == ((rows + 7) // 8, 3, 8 * blocks.shape[1] // 3) and p.dtype == torch.uint8
+    assert torch.equal(unpack_rows8(p, scheme, rows), blocks)
+    bb, r = blocks.shape[1] // 3, rows - 1                                         # the last real row, block 2
+    g, lane, blk = p[r // 8, 2], r % 8, blocks[r, 2 * bb:3 * bb]
+    assert g[2 * lane:2 * lane + 2].tolist() == blk[:2].tolist()                  # its d among the group's 8
+    if scheme == "q8_0":                                                         # chunk t: its values 4t.. + 128
+        assert [(v - 128) % 256 for v in g[16 + 32 * 1 + 4 * lane:16 + 32 * 1 + 4 * lane + 4].tolist()] == \
+            blk[2 + 4:2 + 8].tolist()
+    else:                                                                        # chunk c: its nibble bytes 4c..
+        off = 32 if scheme == "q4_1" else 16
+        assert g[off + 32 * 3 + 4 * lane:off + 32 * 3 + 4 * lane + 4].tolist() == blk[bb - 16 + 12:bb].tolist()
+    with pytest.raises(ValueError, match="uint8"):
+        repack_rows8(blocks.float(), scheme)
+
+
+@needs_cc
+@pytest.mark.parametrize("defines", C_PATHS)
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_c_matvec_is_the_int8_activation_product(scheme, defines):
+    g = torch.Generator().manual_seed(1)
+    w, x = torch.randn(37, 320, generator=g), torch.randn(320, generator=g) * 3
+    x[5] = 40.0                                                                  # an outlier: its block's d is large
+    x[64:96] = 0.0                                                               # an all-zero block: d = 0
+    blocks = quantize(w, scheme)
+    y = c_matvec(blocks, scheme, x, defines=defines)
+    ref = emulated_matvec(blocks, scheme, (37, 320), x)
+    assert (y.double() - ref).abs().max() <= 2e-5 * ref.abs().max(), (y - ref).abs().max()
+    exact = dequantize(blocks, scheme, (37, 320)) @ x                            # and the rounding is small
+    assert ((y - exact).norm() / exact.norm()) < 0.02
+
+
+@needs_cc
+def test_c_paths_compile_and_report_their_simd():
+    assert c_simd_level(build_c_step(("COURSE_PORTABLE",))) == "portable"
+    native = c_simd_level(build_c_step())
+    assert native in ("portable", "avx2", "avx512-vnni")
+    with open("/proc/cpuinfo") as f:
+        flags = f.read()
+    if " avx512_vnni" in flags and " avx2" in flags:
+        assert native == "avx512-vnni"
+        assert c_simd_level(build_c_step(("COURSE_NO_VNNI",))) == "avx2"
+
+
+@needs_cc
+@pytest.mark.parametrize("defines", C_PATHS)
+@pytest.mark.parametrize("scheme,output_scheme,tied", [("q4_1", "q8_0", False), ("q4_0", "q4_1", True),
+                                                       ("q8_0", "q4_0", False), ("q4_1", None, False)])
+def test_c_step_matches_the_dequantized_transformer(scheme, output_scheme, tied, defines):
+    q = quantize_model(tiny_model(tied), scheme, output_scheme, backend="dequant")
+    fast = FastQuantModel(q, kernel="c")
+    fast.c_step = CDecodeStep(q, defines)
+    tokens = torch.randint(0, TINY.vocab_size, (1, 14), generator=torch.Generator().manual_seed(2))
+    tokens[0, 3] = TINY.vocab_size - 1                                           # a row of the padded last group
+    with torch.no_grad():
+        ref = q(tokens)                                                          # (1, 14, vocab) float32, exact weights
+        full = fast(tokens)
+        assert full.shape == ref.shape and full.dtype == torch.float32 and fast.cache_len == 14
+        # the int8 activation's rounding: measured ~0.004-0.008 here; a wrong RoPE, GQA head or nibble gives > 0.3
+        assert _rel(full, ref) < 0.03, _rel(full, ref)
+        parts = [fast(tokens[:, :5], 0), fast(tokens[:, 5:9], 5)] + [fast(tokens[:, i:i + 1], i) for i in range(9, 14)]
+        assert torch.equal(torch.cat(parts, dim=1), full)                        # same steps, same numbers
+        last = fast(tokens, 0, last_only=True)
+        assert last.shape == (1, 1, TINY.vocab_size) and torch.equal(last[0, -1], full[0, -1])
+
+
+@needs_cc
+def test_c_step_errors_are_the_torch_paths():
+    q = quantize_model(tiny_model(), "q4_1", backend="dequant")
+    for kernel in ("c", "torch"):
+        fast = FastQuantModel(q, kernel=kernel)
+        assert fast.kernel == kernel and fast.device == torch.device("cpu") and fast.args is q.args
+        fast(torch.tensor([[1, 2, 3]]), 0)
+        with pytest.raises(ValueError, match=r"one sequence: tokens must be \(1, seq\), got \(2, 3\)"):
+            fast(torch.zeros(2, 3, dtype=torch.long), 0)
+        with pytest.raises(ValueError, match=r"start_pos must be an int in 0..3"):
+            fast(torch.tensor([[1]]), 4)
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            fast(torch.tensor([[TINY.vocab_size]]), 0)
+        with pytest.raises(ValueError, match="exceeds max_seq_len=48"):
+            fast(torch.zeros(1, 49, dtype=torch.long), 0)
+        with pytest.raises(TypeError, match="integer tensor"):
+            fast(torch.zeros(1, 3), 0)
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        FastQuantModel(q, kernel="cuda")
+
+
+def test_no_compiler_gives_a_clear_error_and_auto_falls_back(monkeypatch):
+    q = quantize_model(small_model(), "q4_1", backend="dequant")
+    monkeypatch.setattr(_quant, "find_c_compiler", lambda: None)
+    with pytest.raises(CCompilerError, match=r"no C compiler found.*install.*kernel='torch'"):
+        FastQuantModel(q, kernel="c")
+    assert isinstance(CCompilerError("x"), RuntimeError)
+    fast = FastQuantModel(q)                                                     # "auto"
+    assert fast.kernel == "torch"
+    tokens = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        assert _rel(fast(tokens), q(tokens)) < 0.03
+
+
+@needs_cc
+def test_c_step_builds_from_a_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(_quant, "_C_LIBS", {})
+    lib = build_c_step(("COURSE_TEST_CACHE",))
+    files = list((tmp_path / "course_lib").glob("c_step-*.so"))
+    assert len(files) == 1 and lib.course_simd() in (0, 1, 2)
+    assert build_c_step(("COURSE_TEST_CACHE",)) is lib                           # loaded once per process
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))                       # $CC missing: falls back to cc/gcc
+    assert find_c_compiler() is not None
+
+
+@needs_cc
+def test_c_step_on_smollm2_stays_close_to_float32_and_the_torch_path(smollm2, wiki_ids):
+    _, model = smollm2
+    qm = quantize_model(copy.deepcopy(model), "q4_1")
+    c, lean = FastQuantModel(qm, kernel="c"), FastQuantModel(qm, kernel="torch")
+    exact = set_backend(copy.deepcopy(qm), "dequant")
+    ids = wiki_ids[:64]
+    with torch.no_grad():
+        ref, got_c, got_torch = exact(ids[None]), c(ids[None]), lean(ids[None])
+    err_c, err_torch = _rel(got_c, ref), _rel(got_torch, ref)
+    print("relative logit error vs the dequantized model: C", round(err_c, 4), "torch", round(err_torch, 4))
+    assert err_c < 0.05 and err_c < 4 * err_torch, (err_c, err_torch)           # int8 rounding ~2-3x bf16's
+    r = compare_models(c, model, wiki_ids[:256], 128)
+    r_torch = compare_models(lean, model, wiki_ids[:256], 128)
+    print("KL, top-1 vs float32: C", r["kl"], r["top1"], "torch", r_torch["kl"], r_torch["top1"])
+    # measured: C KL 0.0034, top-1 0.957; torch (bf16 activations) KL 0.0006, top-1 0.988
+    assert r["kl"] < 0.01 and r["top1"] > 0.93 and r["kl"] < 10 * r_torch["kl"] + 1e-3, (r, r_torch)
+    prefixes = []
+    for start in (20, 60, 100):                                                  # 3 prompts, 32 greedy tokens
+        prompt = wiki_ids[start:start + 12].tolist()
+        ref_tokens = list(generate_tokens(model, prompt, 32))
+        c_tokens = list(generate_tokens(c, prompt, 32))
+        prefixes.append((matching_prefix(c_tokens, ref_tokens),
+                         matching_prefix(list(generate_tokens(lean, prompt, 32)), ref_tokens)))
+        with torch.no_grad():                                                    # teacher-forced along float32's tokens
+            picks = c(torch.tensor([prompt + ref_tokens]), 0)[0, len(prompt) - 1:-1].argmax(-1).tolist()
+        assert sum(a == b for a, b in zip(picks, ref_tokens)) >= 28, (start, picks, ref_tokens)
+    print("matching greedy prefixes (C, torch) out of 32:", prefixes)
+    assert sum(p[0] for p in prefixes) >= 24
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_fast_quant_model_torch_kernel_still_matches(scheme):
+    "The tests above run kernel='auto' (the C step where a compiler is found); the torch path, explicitly."
+    q = quantize_model(small_model(False), scheme, "q8_0", backend="dequant")
+    fast = FastQuantModel(q, kernel="torch")
+    assert fast.kernel == "torch" and fast.c_step is None
+    tokens = torch.randint(0, 96, (1, 10), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = q(tokens)
+        assert _rel(fast(tokens), ref) < 0.03
+        parts = [fast(tokens[:, :6], 0)] + [fast(tokens[:, i:i + 1], i) for i in range(6, 10)]
+        assert _rel(torch.cat(parts, dim=1), ref) < 0.03
