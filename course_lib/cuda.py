@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from .checking import Case, CheckResult, compare, run_cases
 from .model import ModelArgs, Transformer
 from .rope import precompute_freqs_cis
-from .quantization import (QuantEmbedding, QuantLinear, block_bytes, check_decode_input, dequantize,
+from .quantization import (QuantEmbedding, QuantLinear, block_bytes, validate_decode_input, dequantize,
                                      quantize, _check_scheme)
 
 # %% ../notebooks/09_cuda_kernels.ipynb #49b34dab
@@ -1184,7 +1184,7 @@ class CudaQuantModel:
         self._graph.launch(stream)
 
     def _check_input(self, tokens, start_pos: int):
-        check_decode_input(self, tokens, start_pos)            # chapter 08's checks, the same errors
+        validate_decode_input(self, tokens, start_pos)            # chapter 08's checks, the same errors
 
     def _logits_tensor(self) -> torch.Tensor:
         if self.device.type == "cuda":                 # zero-copy view through DLPack, then a copy we own

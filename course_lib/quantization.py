@@ -6,7 +6,7 @@ __all__ = ['SCHEMES', 'BACKENDS', 'LINEAR_NAMES', 'QUANT_FORMAT', 'QUANT_FORMAT_
            'quantize_q4_1', 'quantize', 'dequantize', 'fake_quantize', 'quantization_error', 'QuantLinear',
            'QuantEmbedding', 'to_int4pack', 'quantize_model', 'set_backend', 'weight_bytes', 'save_quantized',
            'load_quantized', 'export_gguf', 'perplexity', 'logit_metrics', 'compare_models', 'matching_prefix',
-           'q8_0_as_int4', 'Int4Matmul', 'int4_matmul', 'check_decode_input', 'FastQuantModel', 'repack_rows8',
+           'q8_0_as_int4', 'Int4Matmul', 'int4_matmul', 'validate_decode_input', 'FastQuantModel', 'repack_rows8',
            'unpack_rows8', 'CCompilerError', 'find_c_compiler', 'c_cache_dir', 'build_c_step', 'c_simd_level',
            'CDecodeStep', 'c_matvec', 'check_quantize_q8_0', 'check_quantize_q4_1', 'check_quantize_q4_0',
            'check_perplexity']
@@ -664,7 +664,7 @@ def _fused_int4(linears: list) -> Int4Matmul:
 KERNELS = ("auto", "c", "torch")
 
 
-def check_decode_input(decoder, tokens, start_pos: int, batch_hint: str = "") -> None:
+def validate_decode_input(decoder, tokens, start_pos: int, batch_hint: str = "") -> None:
     "The input checks of a one-sequence decoder with .args and .cache_len (this chapter's and chapter 09's)."
     name = type(decoder).__name__
     if not isinstance(tokens, torch.Tensor) or tokens.dtype.is_floating_point or tokens.dtype.is_complex \
@@ -738,7 +738,7 @@ class FastQuantModel(nn.Module):
         return out
 
     def _check_input(self, tokens, start_pos: int):
-        check_decode_input(self, tokens, start_pos, "use the quantized Transformer for batches")
+        validate_decode_input(self, tokens, start_pos, "use the quantized Transformer for batches")
 
     def _attention(self, h: torch.Tensor, start_pos: int, cos, sin, wqkv: tuple, wo: tuple, cache: torch.Tensor):
         seq, (n_h, n_kv, hd) = h.shape[0], self._heads

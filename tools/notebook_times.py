@@ -16,7 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ROW = re.compile(r"^\| \[[^\]]+\]\((notebooks/[^)]+\.ipynb)\) \|(.*)\| ([^|]*) \|$")
+ROW = re.compile(r"^\| \[[^\]]+\]\((notebooks/[^)]+\.ipynb)\)[^|]*\|(.*)\| ([^|]*) \|$")
 
 
 def notebook_seconds(report: Path) -> dict:
