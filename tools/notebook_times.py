@@ -42,7 +42,8 @@ def rewrite(readme: str, times: dict) -> tuple:
         if m and m.group(1) in times:
             new = line[: m.start(3)] + human(times[m.group(1)]) + " |"
             if new != line:
-                lines[i], _ = new, changed.append((m.group(1), m.group(3).strip(), human(times[m.group(1)])))
+                lines[i] = new
+                changed.append((m.group(1), m.group(3).strip(), human(times[m.group(1)])))
     return "\n".join(lines), changed
 
 
