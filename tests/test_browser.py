@@ -164,9 +164,14 @@ _JS_OPEN = """(needle) => {
   if (!panel || !panel.content || !panel.sessionContext || !panel.context.isReady) return -1;
   const sc = panel.sessionContext;
   if (!sc.isReady || !sc.session || sc.kernelDisplayStatus !== 'idle') return -1;
-  const cells = panel.content.widgets;
-  const i = cells.findIndex(c => c.model.type === 'code' && c.model.sharedModel.getSource().includes(needle));
+  // the cell widgets are created after the model is ready, in batches: wait for all of them
+  const model = panel.content.model;
+  if (!model) return -1;
+  const sources = Array.from(model.cells, c => c.type === 'code' ? c.sharedModel.getSource() : '');
+  const i = sources.findIndex(s => s.includes(needle));
   if (i < 0) throw new Error('no code cell contains ' + needle);
+  const cells = panel.content.widgets;
+  if (cells.length < sources.length || cells[i].model !== model.cells.get(i)) return -1;
   cells[i].node.dataset.browserTest = 'explorer';
   return i;
 }"""
