@@ -7,14 +7,14 @@ __all__ = ['causal_mask', 'scaled_dot_product', 'repeat_kv', 'scaled_dot_product
 # %% ../notebooks/04_attention.ipynb #c06beccf
 import math
 import operator
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .checking import Case, CheckResult, compare, run_cases
-from .rope import apply_rotary_emb
+from .rope import _rotate_pairs
 
 # %% ../notebooks/04_attention.ipynb #0561a78b
 def _as_int(name: str, value, minimum: int) -> int:
@@ -113,7 +113,7 @@ def _grouped_attention(q, k, v, mask):
         m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))     # (batch|1, n_heads|1, seq|1, kv_len|1)
         m = m.unflatten(1, (n_kv_heads, n_rep)) if m.shape[1] == n_heads else m.unsqueeze(1)
         scores = (scores.view(bsz, n_kv_heads, n_rep, seq, kv_len) + m).view(bsz, n_kv_heads, n_rep * seq, kv_len)
-    probs = F.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).type_as(q)
+    probs = scores.softmax(-1, dtype=torch.promote_types(scores.dtype, torch.float32)).type_as(q)  # at least float32
     return (probs @ v).view(bsz, n_heads, seq, head_dim)       # (batch, n_heads, seq, head_dim)
 
 # %% ../notebooks/04_attention.ipynb #a2009efa
@@ -132,6 +132,22 @@ class KVCache(nn.Module):
 
     def update(self, start_pos: int, xk: torch.Tensor, xv: torch.Tensor):
         "Write xk, xv (batch, seq, n_kv_heads, head_dim) at start_pos; return all keys and values so far."
+        cache_k, cache_v = self.cache_k, self.cache_v
+        # every decode step comes here, once per layer: the usual case in one quick test, the checks
+        # that name the problem only when it fails
+        if not (type(start_pos) is int and type(xk) is torch.Tensor and type(xv) is torch.Tensor
+                and xk.shape == xv.shape and xk.dim() == 4 and xk.shape[2:] == cache_k.shape[2:]
+                and 0 <= start_pos <= self.length and start_pos + xk.shape[1] <= self.max_seq_len
+                and xk.shape[0] <= self.max_batch_size and (start_pos == 0 or xk.shape[0] == self.batch_size)):
+            start_pos = self._check_update(start_pos, xk, xv)
+        bsz, end = xk.shape[0], start_pos + xk.shape[1]
+        cache_k[:bsz, start_pos:end] = xk
+        cache_v[:bsz, start_pos:end] = xv
+        self.batch_size, self.length = bsz, end
+        return cache_k[:bsz, :end], cache_v[:bsz, :end]  # (batch, end, n_kv_heads, head_dim) views
+
+    def _check_update(self, start_pos, xk, xv) -> int:
+        "start_pos as an int if update(start_pos, xk, xv) is valid, else the ValueError/TypeError naming what is wrong."
         start_pos = _as_int("start_pos", start_pos, 0)
         per_token = tuple(self.cache_k.shape[2:])  # (n_kv_heads, head_dim)
         for name, t in (("xk", xk), ("xv", xv)):
@@ -151,11 +167,38 @@ class KVCache(nn.Module):
         if start_pos > 0 and bsz != self.batch_size:
             raise ValueError(f"batch size {bsz} differs from the cached sequence's {self.batch_size}; "
                              "start a new sequence with start_pos=0")
-        end = start_pos + seq
-        self.cache_k[:bsz, start_pos:end] = xk
-        self.cache_v[:bsz, start_pos:end] = xv
-        self.batch_size, self.length = bsz, end
-        return self.cache_k[:bsz, :end], self.cache_v[:bsz, :end]  # (batch, end, n_kv_heads, head_dim) views
+        return start_pos
+
+# %% ../notebooks/04_attention.ipynb #6ba90513
+def _fuse_linears(linears: Sequence[nn.Linear], fuse: bool = True):
+    "Store the weights of `linears` (same in_features) as column blocks of one (in, out_1 + out_2 + ...) matrix and make each weight a view of its block; fuse=False gives each its own contiguous weight again. Returns (matrix or None, the blocks' byte offsets)."
+    with torch.no_grad():
+        if not fuse:
+            for lin in linears:
+                lin.weight = nn.Parameter(lin.weight.detach().contiguous(), requires_grad=lin.weight.requires_grad)
+            return None, ()
+        fused = torch.cat([lin.weight.t() for lin in linears], dim=1).contiguous()   # (in, out_1 + out_2 + ...)
+        start = 0
+        for lin in linears:
+            n = lin.weight.shape[0]
+            view = fused[:, start:start + n].t()                                     # (n, in), PyTorch's shape
+            lin.weight = nn.Parameter(view, requires_grad=lin.weight.requires_grad)
+            start += n
+    return fused, tuple(lin.weight.data_ptr() - fused.data_ptr() for lin in linears)
+
+
+def _fused_weight(fused: Optional[torch.Tensor], linears: Sequence[nn.Module], offsets: tuple) -> Optional[torch.Tensor]:
+    "`fused` if the linears' weights are still its column blocks (not replaced, moved or trained), else None."
+    if fused is None:
+        return None
+    base, device = fused.data_ptr(), fused.device
+    for lin, offset in zip(linears, offsets):
+        w = getattr(lin, "weight", None)
+        if not isinstance(w, torch.Tensor) or w.data_ptr() - base != offset or w.device != device:  # replaced
+            return None
+    if torch.is_grad_enabled() and w.requires_grad:   # training: gradients must reach each weight
+        return None
+    return fused
 
 # %% ../notebooks/04_attention.ipynb #5f3ccc4a
 class Attention(nn.Module):
@@ -182,33 +225,12 @@ class Attention(nn.Module):
 
     def fuse_qkv(self, fuse: bool = True) -> "Attention":
         "Make wq, wk, wv column blocks of one (dim, (n_heads + 2·n_kv_heads)·head_dim) matrix that forward reads in one product; fuse=False separates them."
-        with torch.no_grad():
-            parts = (self.wq, self.wk, self.wv)
-            if fuse:
-                self.wqkv = torch.cat([p.weight.t() for p in parts], dim=1).contiguous()  # (dim, q + k + v)
-            start = 0
-            for p in parts:
-                n = p.weight.shape[0]
-                w = self.wqkv[:, start:start + n].t() if fuse else p.weight.detach().contiguous()  # (n, dim)
-                p.weight = nn.Parameter(w, requires_grad=p.weight.requires_grad)  # a view of wqkv when fused
-                start += n
-            if not fuse:
-                self.wqkv = None
-            self._wqkv_offsets = tuple(p.weight.data_ptr() - self.wqkv.data_ptr() for p in parts) if fuse else ()
+        self.wqkv, self._wqkv_offsets = _fuse_linears((self.wq, self.wk, self.wv), fuse)
         return self
 
     def _fused_qkv(self) -> Optional[torch.Tensor]:
         "wqkv if wq, wk, wv are still its column blocks (not replaced, moved or trained), else None."
-        w = self.wqkv
-        if w is None:
-            return None
-        wq, wk, wv = (getattr(p, "weight", None) for p in (self.wq, self.wk, self.wv))
-        if not all(isinstance(t, torch.Tensor) and t.device == w.device for t in (wq, wk, wv)) \
-                or tuple(t.data_ptr() - w.data_ptr() for t in (wq, wk, wv)) != self._wqkv_offsets:  # replaced
-            return None
-        if torch.is_grad_enabled() and wq.requires_grad:        # training: gradients must reach wq, wk, wv
-            return None
-        return w
+        return _fused_weight(self.wqkv, (self.wq, self.wk, self.wv), self._wqkv_offsets)
 
     def _cache_for(self, x: torch.Tensor, start_pos: int) -> KVCache:
         "The layer's cache, allocated once per batch size, dtype and device, for max_seq_len positions."
@@ -227,15 +249,24 @@ class Attention(nn.Module):
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x must be (batch, seq, dim={self.wq.in_features}), got {got}")
         bsz, seq, _ = x.shape                                              # x: (batch, seq, dim)
+        if not isinstance(freqs_cis, torch.Tensor) or not freqs_cis.is_complex():
+            raise TypeError("freqs_cis must be the complex table from precompute_freqs_cis, got "
+                            f"{freqs_cis.dtype if isinstance(freqs_cis, torch.Tensor) else type(freqs_cis).__name__}")
+        if tuple(freqs_cis.shape) != (seq, self.head_dim // 2):
+            raise ValueError(f"freqs_cis must be (seq={seq}, head_dim/2={self.head_dim // 2}): the rows of "
+                             f"precompute_freqs_cis for positions start_pos .. start_pos+seq-1; got {tuple(freqs_cis.shape)}")
         wqkv = self._fused_qkv()
         if wqkv is not None:  # one product reads all three weights (fuse_qkv, chapter 07c)
-            q, k, v = (x @ wqkv).split([self.wq.out_features, self.wk.out_features, self.wv.out_features], dim=-1)
+            qkv = x @ wqkv                                                 # (batch, seq, (n_heads + 2·n_kv_heads)·head_dim)
+            n_qk = self.n_heads + self.n_kv_heads
+            # q and k heads sit side by side: rotate them in one call
+            qk = _rotate_pairs(qkv[..., :n_qk * self.head_dim].view(bsz, seq, n_qk, self.head_dim), freqs_cis)
+            xq, xk = qk.split((self.n_heads, self.n_kv_heads), dim=2)     # (batch, seq, n_heads | n_kv_heads, head_dim)
+            xv = qkv[..., n_qk * self.head_dim:].view(bsz, seq, self.n_kv_heads, self.head_dim)
         else:
-            q, k, v = self.wq(x), self.wk(x), self.wv(x)
-        xq = q.view(bsz, seq, self.n_heads, self.head_dim)                 # (batch, seq, n_heads, head_dim)
-        xk = k.view(bsz, seq, self.n_kv_heads, self.head_dim)              # (batch, seq, n_kv_heads, head_dim)
-        xv = v.view(bsz, seq, self.n_kv_heads, self.head_dim)
-        xq, xk = apply_rotary_emb(xq, xk, freqs_cis)
+            xq = _rotate_pairs(self.wq(x).view(bsz, seq, self.n_heads, self.head_dim), freqs_cis)     # RoPE (chapter 03)
+            xk = _rotate_pairs(self.wk(x).view(bsz, seq, self.n_kv_heads, self.head_dim), freqs_cis)
+            xv = self.wv(x).view(bsz, seq, self.n_kv_heads, self.head_dim)
         keys, values = self._cache_for(x, start_pos).update(start_pos, xk, xv)  # (batch, kv_len, n_kv_heads, head_dim)
         # each K/V head serves n_rep query heads: scaled_dot_product_gqa (without its input checks)
         out = _grouped_attention(xq.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), mask)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import _fuse_linears, _fused_weight
 from .checking import Case, CheckResult, compare, run_cases
 
 # %% ../notebooks/05_swiglu.ipynb #790d2f64
@@ -50,12 +51,23 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate: weight (hidden_dim, dim)
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down: weight (dim, hidden_dim)
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up:   weight (hidden_dim, dim)
+        self.w13: Optional[torch.Tensor] = None  # set by fuse_w13(): w1, w3 as column blocks of one matrix
+        self._w13_offsets: tuple = ()             # where w1, w3 start inside w13, in bytes
+
+    def fuse_w13(self, fuse: bool = True) -> "FeedForward":
+        "Make w1 and w3 column blocks of one (dim, 2·hidden_dim) matrix that forward reads in one product (like Attention.fuse_qkv); fuse=False separates them."
+        self.w13, self._w13_offsets = _fuse_linears((self.w1, self.w3), fuse)
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., dim) -> (..., dim)
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() == 0 or x.shape[-1] != self.dim:
             raise ValueError(f"x has shape {tuple(x.shape)}; its last dimension must equal dim={self.dim}")
+        w13 = _fused_weight(self.w13, (self.w1, self.w3), self._w13_offsets)
+        if w13 is not None:        # gate and up from one product (fuse_w13, chapter 07c)
+            gate, up = (x @ w13).chunk(2, dim=-1)  # (..., hidden_dim) each
+            return self.w2(F.silu(gate) * up)      # (..., dim)
         gate = F.silu(self.w1(x))  # (..., hidden_dim): how much of each hidden unit to let through
         up = self.w3(x)            # (..., hidden_dim): the values being gated
         return self.w2(gate * up)  # (..., dim)

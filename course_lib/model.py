@@ -161,7 +161,7 @@ class Transformer(nn.Module):
         return self.output(self.norm(h)).float()                # (batch, seq or 1, vocab_size)
 
     def set_weight_layout(self, layout: str) -> "Transformer":
-        "'in_out': store each nn.Linear weight as the transpose of an (in, out) matrix, wq/wk/wv fused (Attention.fuse_qkv); 'out_in': PyTorch's default."
+        "'in_out': store each nn.Linear weight as the transpose of an (in, out) matrix, wq/wk/wv and w1/w3 fused (Attention.fuse_qkv, FeedForward.fuse_w13); 'out_in': PyTorch's default."
         if layout not in ("out_in", "in_out"):
             raise ValueError(f"layout must be 'out_in' or 'in_out', got {layout!r}")
         with torch.no_grad():
@@ -170,8 +170,9 @@ class Transformer(nn.Module):
                     w = module.weight.detach()                  # (out, in), same values either way
                     w = w.t().contiguous().t() if layout == "in_out" else w.contiguous()
                     module.weight = nn.Parameter(w, requires_grad=module.weight.requires_grad)
-            for layer in self.layers:                           # q, k, v: one (dim, q+k+v) matrix
+            for layer in self.layers:                           # q, k, v: one (dim, q+k+v) matrix; w1, w3 one too
                 layer.attention.fuse_qkv(layout == "in_out")
+                layer.feed_forward.fuse_w13(layout == "in_out")
         if self.args.tie_embeddings:
             self.tok_embeddings.weight = self.output.weight     # keep one matrix for both uses
         return self

@@ -34,12 +34,17 @@ def _check_rms_norm_args(x, weight, eps):
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    "RMSNorm as a function: `x / sqrt(mean(x², last dim) + eps) * weight`, statistics in float32."
+    "RMSNorm as a function: `x / sqrt(mean(x², last dim) + eps) * weight`, statistics in at least float32."
     _check_rms_norm_args(x, weight, eps)
-    # at least float32: float16 squares overflow above 256, bfloat16 keeps only 8 significant bits
-    x32 = x.to(torch.promote_types(x.dtype, torch.float32))          # (..., dim)
-    inv_rms = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)   # (..., 1)  1 / RMS(x)
-    return (x32 * inv_rms).type_as(x) * weight                       # (..., dim) cast back, then the gain
+    if x.element_size() < 4:  # float16 squares overflow above 256, bfloat16 keeps only 8 significant bits
+        return _normalize(x.float(), eps).type_as(x) * weight     # (..., dim) cast back, then the gain
+    return _normalize(x, eps) * weight                            # float32/64 as they are: no casts to pay for
+
+
+def _normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    "x / RMS(x) over the last dimension."
+    inv_rms = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)  1 / RMS(x)
+    return x * inv_rms                                            # (..., dim)
 
 # %% ../notebooks/02_rmsnorm.ipynb #3a355a55
 class RMSNorm(nn.Module):

@@ -56,13 +56,15 @@ def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor
     if freqs_cis.dim() != 2:
         raise ValueError(f"freqs_cis must be (seq, head_dim // 2), got shape {tuple(freqs_cis.shape)}")
     _check_rope_inputs(xq, xk, freqs_cis.shape[0], freqs_cis.shape[1], "freqs_cis")
+    return _rotate_pairs(xq, freqs_cis), _rotate_pairs(xk, freqs_cis)
+
+
+def _rotate_pairs(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    "apply_rotary_emb on one tensor x (batch, seq, heads, head_dim), unchecked (Attention rotates q and k in one call)."
     # (batch, seq, heads, head_dim) -> (batch, seq, heads, head_dim/2) complex: z_j = x_2j + i·x_2j+1
-    xq_ = torch.view_as_complex(xq.float().reshape(*xq.shape[:-1], -1, 2))
-    xk_ = torch.view_as_complex(xk.float().reshape(*xk.shape[:-1], -1, 2))
-    rot = freqs_cis[None, :, None, :]                   # (1, seq, 1, head_dim/2): same angle for every head
-    xq_out = torch.view_as_real(xq_ * rot).flatten(3)   # (batch, seq, n_heads, head_dim)
-    xk_out = torch.view_as_real(xk_ * rot).flatten(3)   # (batch, seq, n_kv_heads, head_dim)
-    return xq_out.type_as(xq), xk_out.type_as(xk)
+    z = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    rot = freqs_cis[:, None, :]                                # (seq, 1, head_dim/2): same angle for every head
+    return torch.view_as_real(z * rot).flatten(3).type_as(x)  # (batch, seq, heads, head_dim)
 
 # %% ../notebooks/03_rope.ipynb #ac260e31
 def precompute_cos_sin(head_dim: int, end: int, theta: float = 10000.0):

@@ -154,6 +154,25 @@ def test_kv_cache_bad_input():
         cache.update(3, one, torch.zeros(1, 2, 2, 4))
     with pytest.raises(ValueError, match="max_seq_len must be >= 1, got 0"):
         KVCache(1, 0, 2, 4)
+    with pytest.raises(TypeError, match="start_pos must be an int, got bool"):
+        cache.update(True, one, one)
+    with pytest.raises(TypeError, match="start_pos must be an int, got float"):
+        cache.update(3.0, one, one)
+    with pytest.raises(ValueError, match="start_pos must be >= 0, got -1"):
+        cache.update(-1, one, one)
+    with pytest.raises(ValueError, match=r"xk must be \(batch, seq, n_kv_heads=2, head_dim=4\), got list"):
+        cache.update(3, [0.0], one)
+
+
+def test_kv_cache_update_takes_any_integer_position_and_tensor_subclass():
+    # update's quick test covers plain ints and tensors; anything else goes through the full checks
+    cache = KVCache(max_batch_size=1, max_seq_len=8, n_kv_heads=2, head_dim=4)
+    xk, xv = randn(1, 4, 2, 4, seed=21), randn(1, 4, 2, 4, seed=22)
+    cache.update(0, xk[:, :2], xv[:, :2])
+    cache.update(np.int64(2), xk[:, 2:3], xv[:, 2:3])                            # NumPy int
+    keys, values = cache.update(torch.tensor(3), torch.nn.Parameter(xk[:, 3:4], requires_grad=False),
+                                xv[:, 3:4])                                     # 0-d tensor, a Parameter
+    assert torch.equal(keys, xk) and torch.equal(values, xv) and cache.length == 4
 
 
 # ---------------------------------------------------------------- Attention vs transformers' LlamaAttention
@@ -189,11 +208,14 @@ def test_attention_matches_hf_llama_attention(n_heads, n_kv_heads):
         torch.testing.assert_close(ours(x, 0, freqs_cis[:11], causal_mask(11)), hf_forward(x), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused_qkv"])
 @pytest.mark.parametrize("n_heads,n_kv_heads", [(4, 4), (8, 2)], ids=["mha", "gqa"])
-def test_attention_cached_decode_matches_hf_full_pass(n_heads, n_kv_heads):
+def test_attention_cached_decode_matches_hf_full_pass(n_heads, n_kv_heads, fused):
     ours, hf_forward, freqs_cis = make_pair(n_heads, n_kv_heads, seed=1)
+    ours.fuse_qkv(fused)
     x = randn(2, 12, 64, seed=20)
     with torch.no_grad():
+        assert (ours._fused_qkv() is not None) == fused                            # the path under test
         expected = hf_forward(x)
         pieces = [ours(x[:, :3], 0, freqs_cis[:3], causal_mask(3)),                 # prefill 3
                   ours(x[:, 3:6], 3, freqs_cis[3:6], causal_mask(3, start_pos=3))]  # a chunk of 3
@@ -213,6 +235,16 @@ def test_attention_bad_input():
         attention(torch.zeros(1, 3, 32), 0, freqs_cis[:3])
     with pytest.raises(ValueError, match="start_pos=2 but no sequence is cached"):
         attention(torch.zeros(1, 1, 64), 2, freqs_cis[2:3])
+    for fused in (False, True):                                       # both paths check the rotation table
+        attention.fuse_qkv(fused)
+        with pytest.raises(ValueError, match=r"freqs_cis must be \(seq=3, head_dim/2=4\).*got \(2, 4\)"):
+            attention(torch.zeros(1, 3, 64), 0, freqs_cis[:2])
+        with pytest.raises(ValueError, match=r"freqs_cis must be \(seq=1, head_dim/2=4\).*got \(1, 8\)"):
+            attention(torch.zeros(1, 1, 64), 0, precompute_freqs_cis(16, 16)[:1])
+        with pytest.raises(TypeError, match="freqs_cis must be the complex table from precompute_freqs_cis, got torch.float32"):
+            attention(torch.zeros(1, 3, 64), 0, torch.zeros(3, 4))
+        with pytest.raises(TypeError, match="freqs_cis must be the complex table .* got NoneType"):
+            attention(torch.zeros(1, 3, 64), 0, None)
 
 
 # ---------------------------------------------------------------- kv_cache_bytes

@@ -551,11 +551,15 @@ def test_last_only_and_weight_layout():
         attn = model.layers[0].attention
         assert attn.wqkv.shape == (64, 64 + 32 + 32) and attn._fused_qkv() is attn.wqkv
         assert torch.equal(attn.wk.weight, attn.wqkv[:, 64:96].t())
+        ff = model.layers[1].feed_forward
+        assert ff.w13.shape == (64, 2 * 96) and ff.w13.is_contiguous()
+        assert ff.w1.weight.data_ptr() == ff.w13.data_ptr() and torch.equal(ff.w3.weight, ff.w13[:, 96:].t())
         assert model.output.weight is model.tok_embeddings.weight and model.output.weight.stride() == (1, 300)
         assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())   # same values
         assert (model(x) - full).abs().max() < 1e-5
         model.set_weight_layout("out_in")
         assert all(p.is_contiguous() for p in model.parameters()) and model.layers[0].attention.wqkv is None
+        assert model.layers[1].feed_forward.w13 is None
         assert model.output.weight is model.tok_embeddings.weight
         assert (model(x) - full).abs().max() < 1e-5
     with pytest.raises(ValueError, match="layout must be 'out_in' or 'in_out', got 'row'"):
@@ -601,6 +605,34 @@ def test_fused_qkv_equals_separate_and_falls_back_safely():
     assert all(p.grad is not None for p in (attn.wq.weight, attn.wk.weight, attn.wv.weight))
     attn.fuse_qkv(False)
     assert attn.wqkv is None and attn.wq.weight.is_contiguous()
+
+
+def test_fused_w13_equals_separate_and_falls_back_safely():
+    from course_lib.feed_forward import FeedForward
+    torch.manual_seed(4)
+    ff, other = FeedForward(48, 80), FeedForward(48, 80)
+    x = torch.randn(2, 5, 48)
+    with torch.no_grad():
+        separate = ff(x)
+        assert ff.fuse_w13() is ff and ff.w13.shape == (48, 160)
+        assert ff._w13_offsets == (0, 80 * 4)                            # w3's block starts 80 floats in
+        assert (ff(x) - separate).abs().max() < 1e-5
+        ff.load_state_dict(other.state_dict())                           # copies into the views
+        assert (ff(x) - other(x)).abs().max() < 1e-5 and torch.equal(ff.w13[:, :80], other.w1.weight.t())
+        ff.w3.weight = torch.nn.Parameter(torch.zeros(80, 48))           # replaced: not a block of w13 any more
+        other.w3.weight = torch.nn.Parameter(torch.zeros(80, 48))
+        assert (ff(x) - other(x)).abs().max() == 0                       # gate * 0: the separate products ran
+    import copy
+    twin = copy.deepcopy(FeedForward(48, 80).fuse_w13())
+    with torch.no_grad():
+        assert twin.w13 is not None and twin.w1.weight.data_ptr() != twin.w13.data_ptr()
+        assert (twin(x) - twin.fuse_w13(False)(x)).abs().max() < 1e-5   # the copy fell back, then separated
+    # training: gradients must reach w1 and w3, so the fused product is not used
+    ff.fuse_w13()
+    ff(x).sum().backward()
+    assert ff.w1.weight.grad is not None and ff.w3.weight.grad is not None
+    ff.fuse_w13(False)
+    assert ff.w13 is None and ff.w1.weight.is_contiguous() and ff.w3.weight.is_contiguous()
 
 
 # ------------------------------------------------------------------ checkers
