@@ -8,6 +8,10 @@ max_new_tokens; course_lib: eos_id=None), so both do the same work. Each run tim
 the prompt's prefill, then every decode step. The implementations take turns, run after run, so
 that whatever else the machine is doing slows them alike; the medians, the best runs and the
 ratios are printed, the ratio also per round (both sides of a round saw the same machine load).
+A shared machine slows some seconds and not others, so the script also times every decode step on
+its own (from one new token to the next: for transformers, between calls of a logits processor that
+only takes the time; for course_lib, between the ids generate_tokens yields) and prints the median
+step of each implementation over all runs: a burst of load moves a few steps, not the median.
 course_lib runs twice: "out_in", PyTorch's default weight layout, and "in_out", after
 `model.set_weight_layout("in_out")`: the same weights stored as transposes of (in, out) matrices,
 with each layer's wq, wk, wv as blocks of one matrix (chapters 04, 06 and 07c).
@@ -72,18 +76,36 @@ def main(argv=None) -> int:
     ours_in_out = copy.deepcopy(ours).set_weight_layout("in_out")
     hf = load_transformers(path)
 
-    def run_ours(model):
-        return list(generate_tokens(model, prompt, args.new_tokens, method="greedy", eos_id=None))
+    steps = {}                                          # name -> seconds between consecutive new tokens
 
-    def run_hf():
+    def run_ours(model, name=None):
+        ids, stamps = [], []
+        for i in generate_tokens(model, prompt, args.new_tokens, method="greedy", eos_id=None):
+            stamps.append(time.perf_counter())
+            ids.append(i)
+        if name is not None:
+            steps.setdefault(name, []).extend(b - a for a, b in zip(stamps, stamps[1:]))
+        return ids
+
+    def run_hf(name=None):
+        import transformers
+        stamps = []
+
+        class Stamp(transformers.LogitsProcessor):      # called once per new token, right after the forward pass
+            def __call__(self, input_ids, scores):
+                stamps.append(time.perf_counter())
+                return scores
         x = torch.tensor([prompt])
         with torch.inference_mode():
             out = hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=args.new_tokens,
-                              min_new_tokens=args.new_tokens, pad_token_id=gf.metadata["tokenizer.ggml.eos_token_id"])
+                              min_new_tokens=args.new_tokens, pad_token_id=gf.metadata["tokenizer.ggml.eos_token_id"],
+                              logits_processor=transformers.LogitsProcessorList([Stamp()]))
+        if name is not None:
+            steps.setdefault(name, []).extend(b - a for a, b in zip(stamps, stamps[1:]))
         return out[0, len(prompt):].tolist()
 
-    contenders = {"transformers": run_hf, "course_lib out_in": lambda: run_ours(ours),
-                  "course_lib in_out": lambda: run_ours(ours_in_out)}
+    contenders = {"transformers": run_hf, "course_lib out_in": lambda name=None: run_ours(ours, name),
+                  "course_lib in_out": lambda name=None: run_ours(ours_in_out, name)}
     outputs = {name: fn() for name, fn in contenders.items()}          # warm-up: caches, allocator, kernels
     lengths = {name: len(o) for name, o in outputs.items()}
     assert set(lengths.values()) == {args.new_tokens}, lengths
@@ -98,7 +120,7 @@ def main(argv=None) -> int:
     for _ in tqdm(range(args.runs), desc="alternating runs", unit="run", file=sys.stderr):
         for name, fn in contenders.items():                             # take turns, run after run
             t0 = time.perf_counter()
-            fn()
+            fn(name)
             times[name].append(time.perf_counter() - t0)
 
     rate = {name: [args.new_tokens / t for t in ts] for name, ts in times.items()}
@@ -117,6 +139,15 @@ def main(argv=None) -> int:
         rounds = [a / b for a, b in zip(rate[name], rate["transformers"])]   # same round: same machine load
         print(f"{name + ' / transformers':>32}: {median[name] / median['transformers']:.2f}x (medians), "
               f"per round " + " ".join(f"{r:.2f}" for r in rounds) + f", median {statistics.median(rounds):.2f}x")
+    step = {name: statistics.median(s) for name, s in steps.items()}
+    print(f"decode steps alone (median of {len(steps['transformers'])} per implementation, "
+          f"from one new token to the next):")
+    for name in contenders:
+        q = statistics.quantiles(steps[name], n=10)
+        print(f"{name:>20} {1e3 * step[name]:6.1f} ms  = {1 / step[name]:5.1f} tokens/s"
+              f"   (10% of steps under {1e3 * q[0]:.1f} ms, 10% over {1e3 * q[-1]:.1f} ms)")
+    for name in ("course_lib out_in", "course_lib in_out"):
+        print(f"{name + ' / transformers':>32}: {step['transformers'] / step[name]:.2f}x (median decode steps)")
     return 0
 
 

@@ -191,10 +191,12 @@ def _fused_weight(fused: Optional[torch.Tensor], linears: Sequence[nn.Module], o
     "`fused` if the linears' weights are still its column blocks (not replaced, moved or trained), else None."
     if fused is None:
         return None
-    base, device = fused.data_ptr(), fused.device
+    base = fused.data_ptr()
     for lin, offset in zip(linears, offsets):
-        w = getattr(lin, "weight", None)
-        if not isinstance(w, torch.Tensor) or w.data_ptr() - base != offset or w.device != device:  # replaced
+        # each forward asks, so ask cheaply: the weight's address (a replaced or moved weight has its own
+        # memory); the parameters' dict directly, not nn.Module's slower attribute lookup
+        w = lin._parameters.get("weight") if isinstance(lin, nn.Linear) else None
+        if w is None or w.data_ptr() != base + offset:
             return None
     if torch.is_grad_enabled() and w.requires_grad:   # training: gradients must reach each weight
         return None

@@ -36,6 +36,11 @@ def _check_rms_norm_args(x, weight, eps):
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     "RMSNorm as a function: `x / sqrt(mean(x², last dim) + eps) * weight`, statistics in at least float32."
     _check_rms_norm_args(x, weight, eps)
+    return _rms_norm(x, weight, eps)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    "rms_norm without its argument checks (RMSNorm.forward checks x itself)."
     if x.element_size() < 4:  # float16 squares overflow above 256, bfloat16 keeps only 8 significant bits
         return _normalize(x.float(), eps).type_as(x) * weight     # (..., dim) cast back, then the gain
     return _normalize(x, eps) * weight                            # float32/64 as they are: no casts to pay for
@@ -63,9 +68,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(self.dim))  # (dim,) learned gain
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., dim) -> (..., dim)
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() > 0 and x.shape[-1] == self.dim:
+            return _rms_norm(x, self.weight, self.eps)  # x is fine, and __init__ checked dim and eps
         if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[-1] != self.dim:
             raise ValueError(f"x has last dimension {x.shape[-1]}, expected dim={self.dim}")
-        return rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)       # raises the error that names the problem
 
     def extra_repr(self) -> str: return f"{self.dim}, eps={self.eps}"
 

@@ -61,10 +61,12 @@ def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor
 
 def _rotate_pairs(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     "apply_rotary_emb on one tensor x (batch, seq, heads, head_dim), unchecked (Attention rotates q and k in one call)."
+    x32 = x.float() if x.element_size() < 4 else x               # float16/bfloat16 rotate in float32
     # (batch, seq, heads, head_dim) -> (batch, seq, heads, head_dim/2) complex: z_j = x_2j + i·x_2j+1
-    z = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    rot = freqs_cis[:, None, :]                                # (seq, 1, head_dim/2): same angle for every head
-    return torch.view_as_real(z * rot).flatten(3).type_as(x)  # (batch, seq, heads, head_dim)
+    z = torch.view_as_complex(x32.reshape(*x.shape[:-1], -1, 2))
+    rot = freqs_cis[:, None, :]                                   # (seq, 1, head_dim/2): same angle for every head
+    out = torch.view_as_real(z * rot).flatten(3)                  # (batch, seq, heads, head_dim)
+    return out if out.dtype == x.dtype else out.type_as(x)
 
 # %% ../notebooks/03_rope.ipynb #ac260e31
 def precompute_cos_sin(head_dim: int, end: int, theta: float = 10000.0):
