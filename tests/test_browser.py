@@ -159,9 +159,11 @@ def page(browser, lab):
 
 
 # In the page: window.jupyterapp (expose_app_in_browser) and its current notebook.
-_JS_OPEN = """(needle) => {
+_JS_OPEN = """([notebook, needle]) => {
   const panel = window.jupyterapp.shell.currentWidget;
   if (!panel || !panel.content || !panel.sessionContext || !panel.context.isReady) return -1;
+  // the workspace of an earlier test may be restored first: wait until our notebook is the current one
+  if (panel.context.path.split('/').pop() !== notebook) return -1;
   const sc = panel.sessionContext;
   if (!sc.isReady || !sc.session || sc.kernelDisplayStatus !== 'idle') return -1;
   // the cell widgets are created after the model is ready, in batches: wait for all of them
@@ -227,11 +229,12 @@ def _output(explorer):
 def _open_and_run(lab, page, notebook: str, needle: str, stem: str):
     "Open notebook in JupyterLab, run every cell up to the explorer (needle in its source); the explorer cell."
     SCREENSHOTS.mkdir(exist_ok=True)
-    page.goto(f"{lab.base}/lab/tree/{notebook}?token={lab.token}", timeout=120_000)
+    # ?reset: start from an empty workspace, not the layout the previous test left open
+    page.goto(f"{lab.base}/lab/tree/{notebook}?reset&token={lab.token}", timeout=120_000)
     page.wait_for_function("() => window.jupyterapp && window.jupyterapp.shell.currentWidget"
                            " && window.jupyterapp.shell.currentWidget.sessionContext", timeout=120_000)
     index = _poll(f"{notebook} to open with an idle kernel",
-                  lambda: (lambda i: i + 1 if i >= 0 else None)(page.evaluate(_JS_OPEN, needle)),
+                  lambda: (lambda i: i + 1 if i >= 0 else None)(page.evaluate(_JS_OPEN, [notebook, needle])),
                   120, page, f"{stem}_0_open_failed.png") - 1
     page.evaluate(_JS_RUN_UP_TO, index)
     t0 = time.monotonic()
