@@ -87,14 +87,16 @@ def main(argv=None) -> int:
             steps.setdefault(name, []).extend(b - a for a, b in zip(stamps, stamps[1:]))
         return ids
 
-    def run_hf(name=None):
-        import transformers
-        stamps = []
+    import transformers
+    stamps = []
 
-        class Stamp(transformers.LogitsProcessor):      # called once per new token, right after the forward pass
-            def __call__(self, input_ids, scores):
-                stamps.append(time.perf_counter())
-                return scores
+    class Stamp(transformers.LogitsProcessor):          # called once per new token, right after the forward pass
+        def __call__(self, input_ids, scores):
+            stamps.append(time.perf_counter())
+            return scores
+
+    def run_hf(name=None):
+        stamps.clear()
         x = torch.tensor([prompt])
         with torch.inference_mode():
             out = hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=args.new_tokens,

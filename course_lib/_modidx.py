@@ -631,7 +631,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'course_lib.rmsnorm._forward_cases': ('rmsnorm.html#_forward_cases', 'course_lib/rmsnorm.py'),
                                     'course_lib.rmsnorm._module_adapter': ('rmsnorm.html#_module_adapter', 'course_lib/rmsnorm.py'),
                                     'course_lib.rmsnorm._ms': ('rmsnorm.html#_ms', 'course_lib/rmsnorm.py'),
-                                    'course_lib.rmsnorm._normalize': ('rmsnorm.html#_normalize', 'course_lib/rmsnorm.py'),
                                     'course_lib.rmsnorm._r': ('rmsnorm.html#_r', 'course_lib/rmsnorm.py'),
                                     'course_lib.rmsnorm._rms_norm': ('rmsnorm.html#_rms_norm', 'course_lib/rmsnorm.py'),
                                     'course_lib.rmsnorm._weight_case': ('rmsnorm.html#_weight_case', 'course_lib/rmsnorm.py'),

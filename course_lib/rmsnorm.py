@@ -41,15 +41,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     "rms_norm without its argument checks (RMSNorm.forward checks x itself)."
-    if x.element_size() < 4:  # float16 squares overflow above 256, bfloat16 keeps only 8 significant bits
-        return _normalize(x.float(), eps).type_as(x) * weight     # (..., dim) cast back, then the gain
-    return _normalize(x, eps) * weight                            # float32/64 as they are: no casts to pay for
-
-
-def _normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
-    "x / RMS(x) over the last dimension."
-    inv_rms = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)  1 / RMS(x)
-    return x * inv_rms                                            # (..., dim)
+    # float16 squares overflow above 256, bfloat16 keeps only 8 significant bits: those go to float32;
+    # float32/64 are used as they are, with no casts to pay for
+    x32 = x.float() if x.element_size() < 4 else x                    # (..., dim)
+    inv_rms = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)   # (..., 1)  1 / RMS(x)
+    normed = x32 * inv_rms                                           # (..., dim)
+    return (normed if normed.dtype == x.dtype else normed.type_as(x)) * weight   # cast back, then the gain
 
 # %% ../notebooks/02_rmsnorm.ipynb #3a355a55
 class RMSNorm(nn.Module):
