@@ -2,6 +2,7 @@
 # Set up the course in ./.venv, then open it in JupyterLab.
 #   bash setup.sh              set up (about 2 minutes) and open JupyterLab on notebooks/
 #   bash setup.sh --no-launch  set up only (what CI does)
+#   bash setup.sh --gpu        also install CuPy for chapter 09, the wheel that matches the NVIDIA driver
 # Environment: PYTHON (default python3, needs 3.10+), TORCH_VERSION (default 2.13.0),
 # TORCH_INDEX_URL (a PyTorch wheel index to take torch from, e.g. https://download.pytorch.org/whl/cpu).
 set -euo pipefail
@@ -33,9 +34,23 @@ if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
 fi
 
 "${pip[@]}" install -e ".[course,dev]"
+
+# Chapter 09 on a GPU: the CuPy wheel and NVRTC must match a CUDA version the driver supports. The driver
+# prints the newest it supports; a CUDA 12 stack runs on 12.x and 13.x drivers, a CUDA 13 stack needs 13.
+if [[ " $* " == *" --gpu "* ]]; then
+  command -v nvidia-smi >/dev/null 2>&1 || { echo "setup.sh --gpu: nvidia-smi not found: no NVIDIA driver here" >&2; exit 1; }
+  cuda=$(nvidia-smi | sed -n 's/.*CUDA Version: *\([0-9]*\).*/\1/p' | head -n 1)
+  case "$cuda" in
+    12) extra=gpu ;;
+    1[3-9]) extra=gpu13 ;;
+    *) echo "setup.sh --gpu: the driver supports CUDA '${cuda:-?}'; chapter 09 needs CUDA 12 or 13" >&2; exit 1 ;;
+  esac
+  echo "setup.sh: driver supports CUDA $cuda: installing .[$extra]"
+  "${pip[@]}" install -e ".[course,dev,$extra]"
+fi
 .venv/bin/python -c 'import torch, course_lib; print(f"course_lib {course_lib.__version__} ready: torch {torch.__version__}, " + ("CUDA " + torch.version.cuda if torch.version.cuda else "CPU build"))'
 
-if [ "${1:-}" = "--no-launch" ] || [ -n "${CI:-}" ]; then
+if [[ " $* " == *" --no-launch "* ]] || [ -n "${CI:-}" ]; then
   exit 0
 fi
 lab_args=(notebooks/)

@@ -5,6 +5,7 @@ present (the `gpu` marker; skipped otherwise). Tolerances: products and attentio
 order than PyTorch's, so results agree to ~1e-6 of their size; we allow 1e-5 relative (1e-4 for whole models).
 """
 import copy
+import os
 
 import numpy as np
 import pytest
@@ -28,10 +29,22 @@ EMU_OK, EMU_WHY = cuda.emulator_status()
 needs_gpu = [pytest.mark.gpu, pytest.mark.skipif(not GPU_OK, reason=f"needs an NVIDIA GPU with CuPy: {GPU_WHY}")]
 
 
+@pytest.fixture(scope="module")
+def bounds_checked():
+    "Every emulated launch of this module runs with bounds checking: a read or write outside an array fails."
+    old = os.environ.get("COURSE_CUDA_EMULATOR_CHECK_BOUNDS")
+    os.environ["COURSE_CUDA_EMULATOR_CHECK_BOUNDS"] = "1"
+    yield
+    if old is None:
+        del os.environ["COURSE_CUDA_EMULATOR_CHECK_BOUNDS"]
+    else:
+        os.environ["COURSE_CUDA_EMULATOR_CHECK_BOUNDS"] = old
+
+
 @pytest.fixture(scope="module", params=[
     pytest.param("emulator", marks=pytest.mark.skipif(not EMU_OK, reason=f"CPU emulator unavailable: {EMU_WHY}")),
     pytest.param("cupy", marks=needs_gpu)])
-def backend(request):
+def backend(request, bounds_checked):
     return get_backend(request.param)
 
 
@@ -217,21 +230,72 @@ def test_argmax_plain_and_two_pass(backend, n):
     x[0] = -float("inf")
     if n == 1:
         x = torch.tensor([-float("inf")])
-    x_dev, out = to_device(backend, x), empty(backend, (1,), np.int32)
-    expected = int(torch.argmax(x))
+    x_dev, out = to_device(backend, x), empty(backend, (2,), np.int32)
+    expected = [int(torch.argmax(x)), 0 if n > 1 else 1]        # [index, 1 when the max is not finite]
     cuda_argmax(backend, x_dev, out, plain=True)
-    assert int(to_host(backend, out)[0]) == expected
+    assert to_host(backend, out).tolist() == expected
     part_v, part_i = empty(backend, (7,)), empty(backend, (7,), np.int32)
     cuda_argmax(backend, x_dev, out, part_v, part_i)
-    assert int(to_host(backend, out)[0]) == expected
+    assert to_host(backend, out).tolist() == expected
+
+
+@pytest.mark.parametrize("plain", [True, False])
+def test_argmax_of_nan_and_inf_is_a_real_index_and_flagged(backend, plain):
+    part_v, part_i = empty(backend, (3,)), empty(backend, (3,), np.int32)
+    for values in ([1.0, float("nan"), 5.0, float("nan")], [1.0, float("inf"), 2.0], [float("nan")] * 5,
+                   [-float("inf")] * 4, [3.0, -1.0, 3.0]):
+        x = torch.tensor(values)
+        out = empty(backend, (2,), np.int32)
+        cuda_argmax(backend, to_device(backend, x), out, part_v, part_i, plain=plain)
+        index, not_finite = to_host(backend, out).tolist()
+        assert index == int(torch.argmax(x)), values                # torch: NaN is the largest, first index wins
+        assert not_finite == int(not torch.isfinite(x[index])), values
+
+
+def test_argmax_threads_must_be_whole_warps(backend):
+    x, out = empty(backend, (10,)), empty(backend, (2,), np.int32)
+    part_v, part_i = empty(backend, (2,)), empty(backend, (2,), np.int32)
+    for threads in (48, 0, 2048):
+        with pytest.raises(ValueError, match="threads must be a multiple of 32 in 32..1024"):
+            cuda_argmax(backend, x, out, part_v, part_i, threads=threads)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_embedding_of_an_id_outside_the_table_is_nan_not_a_wild_read(backend, scheme):
+    E = upload_matrix(backend, random_blocks(50, 64, scheme, 4)[0], scheme)
+    out = empty(backend, (64,))
+    for token in (50, -1, 2**31 - 1):
+        cuda_embedding(backend, E, to_device(backend, np.array([token, 0], np.int32)), out)
+        assert torch.isnan(host(backend, out)).all(), token
+
+
+def test_a_block_with_more_registers_than_an_sm_is_refused(backend):
+    if backend.name == "emulator" and cuda.emulated_resources(cuda.decode_source()) is None:
+        pytest.skip("NVRTC/cuobjdump are not installed: the emulator has no register counts")
+    W = upload_matrix(backend, random_blocks(64, 64, "q4_0", 0)[0], "q4_0")
+    x, y = to_device(backend, torch.randn(64)), empty(backend, (64,))
+    kernel = backend.get_function("qmatvec_q4_0")
+    fits = kernel.max_threads_per_block // 32
+    if fits >= 32:
+        pytest.skip(f"qmatvec_q4_0 uses {kernel.num_regs} registers: every block shape fits")
+    cuda_qmatvec(backend, W, x, y, warps_per_block=fits)
+    with pytest.raises(ValueError, match=rf"a block of {32 * (fits + 1)} threads does not fit on an SM: "
+                                         rf"the kernel uses {kernel.num_regs} registers per thread"):
+        cuda_qmatvec(backend, W, x, y, warps_per_block=fits + 1)
 
 
 # ---------------------------------------------------------------- argument hygiene: refused before any launch
 
+def emulated_xp():
+    if not EMU_OK:
+        pytest.skip(f"CPU emulator unavailable: {EMU_WHY}")
+    return get_backend("emulator").xp
+
+
 class NoLaunch(cuda.Backend):
-    "A NumPy backend that fails the test if anything reaches a kernel."
+    "The emulator's arrays, but a backend that fails the test if anything reaches a kernel."
     def __init__(self):
-        super().__init__("no-launch", np, lambda src: pytest.fail("a kernel was compiled: the checks ran too late"))
+        super().__init__("no-launch", emulated_xp(), lambda src: pytest.fail("a kernel was compiled: the checks ran too late"))
 
 
 @pytest.fixture
@@ -244,16 +308,17 @@ def no_launch():
 def test_wrong_dtype_is_a_type_error_naming_the_argument(no_launch):
     b, W = no_launch
     with pytest.raises(TypeError, match=r"x must have dtype float32, got float64"):
-        cuda_qmatvec(b, W, np.zeros(64), empty(b, (7,)))
+        cuda_qmatvec(b, W, to_device(b, np.zeros(64)), empty(b, (7,)))
     with pytest.raises(TypeError, match=r"W.scales must have dtype float16"):
-        cuda_qmatvec(b, QuantMatrix("q4_0", 7, 64, W.quants, W.scales.astype(np.float32)), empty(b, (64,)), empty(b, (7,)))
-    with pytest.raises(TypeError, match=r"x must be a numpy.ndarray, got torch.Tensor"):
+        cuda_qmatvec(b, QuantMatrix("q4_0", 7, 64, W.quants, to_device(b, W.scales.astype(np.float32))),
+                     empty(b, (64,)), empty(b, (7,)))
+    with pytest.raises(TypeError, match=r"x must be a device array \(cupy.ndarray: make it with to_device or empty\), got torch.Tensor"):
         cuda_qmatvec(b, W, torch.zeros(64), empty(b, (7,)))
     with pytest.raises(TypeError, match=r"W must be a QuantMatrix"):
         cuda_qmatvec(b, "weights", empty(b, (64,)), empty(b, (7,)))
     with pytest.raises(TypeError, match=r"pos must have dtype int32, got int64"):
         cuda_attention(b, empty(b, (3 * 2 * 64,)), empty(b, (1, 8, 64)), empty(b, (1, 8, 64)),
-                       np.zeros(1, np.int64), empty(b, (64,)), 1, 1, 64)
+                       to_device(b, np.zeros(1, np.int64)), empty(b, (64,)), 1, 1, 64)
 
 
 def test_wrong_size_and_layout_are_value_errors(no_launch):
@@ -279,9 +344,9 @@ def test_wrong_size_and_layout_are_value_errors(no_launch):
     with pytest.raises(ValueError, match=r"h13 must have shape \(10\)"):
         cuda_swiglu(b, empty(b, (9,)), empty(b, (5,)))
     with pytest.raises(ValueError, match=r"blocks has 20 bytes per row, not a multiple of 18"):
-        cuda_qmatvec_plain(b, np.zeros((3, 20), np.uint8), "q4_0", empty(b, (32,)), empty(b, (3,)))
+        cuda_qmatvec_plain(b, empty(b, (3, 20), np.uint8), "q4_0", empty(b, (32,)), empty(b, (3,)))
     with pytest.raises(ValueError, match=r"the two-pass argmax needs part_v"):
-        cuda_argmax(b, empty(b, (10,)), empty(b, (1,), np.int32))
+        cuda_argmax(b, empty(b, (10,)), empty(b, (2,), np.int32))
 
 
 def test_scalars_reach_the_kernel_as_numpy_int32_and_float32():
@@ -289,7 +354,7 @@ def test_scalars_reach_the_kernel_as_numpy_int32_and_float32():
 
     class Recorder(cuda.Backend):
         def __init__(self):
-            super().__init__("recorder", np, None)
+            super().__init__("recorder", emulated_xp(), None)
 
         def get_function(self, name, source=None):
             return lambda grid, block, args, shared_mem=0: seen.append((name, grid, block, args, shared_mem))
@@ -355,6 +420,34 @@ def test_emulated_model_interface_and_errors(backend):
         model.generate_greedy([1, 2, 3], 14)
 
 
+@pytest.mark.parametrize("use_graph", [False, True])
+def test_the_gpu_code_path_runs_on_the_emulator(backend, use_graph):
+    "Stream, CUDA-graph capture and replay, the device argmax, DLPack: 16 greedy tokens equal chapter 08's."
+    reference = tiny_quantized("q4_0")
+    model = CudaQuantModel(copy.deepcopy(reference), backend=backend, use_graph=use_graph)
+    prompt = [5, 17, 42, 8, 91, 3]
+    expected = list(generate_tokens(reference, prompt, 16))
+    assert model.generate_greedy(prompt, 16) == expected
+    assert (model._graph is not None) == use_graph                 # captured once, then replayed every step
+    assert model.generate_greedy(prompt, 16) == expected           # a second run replays the same graph
+
+
+def test_logits_are_a_snapshot_that_the_next_step_cannot_overwrite(backend):
+    model = CudaQuantModel(copy.deepcopy(tiny_quantized("q8_0")), backend=backend)
+    first = model(torch.tensor([[5]]), 0)
+    kept = first.clone()
+    model(torch.tensor([[17]]), 1)
+    assert torch.equal(first, kept)
+
+
+def test_nan_logits_stop_greedy_decoding_with_a_clear_error(backend):
+    model = CudaQuantModel(copy.deepcopy(tiny_quantized("q8_0")), backend=backend)
+    with backend.stream():
+        model.norm.set(np.full(64, np.nan, np.float32))            # the final norm's weight: every logit NaN
+    with pytest.raises(FloatingPointError, match="greedy step 0: the largest logit is NaN or infinite"):
+        model.generate_greedy([1, 2], 4)
+
+
 def test_model_construction_errors():
     float_model = Transformer(ModelArgs(dim=64, n_layers=1, n_heads=2, vocab_size=64, hidden_dim=64, max_seq_len=8))
     with pytest.raises(ValueError, match="not quantized"):
@@ -365,8 +458,6 @@ def test_model_construction_errors():
     with pytest.raises(ValueError, match="tok_embeddings is a Embedding, not a quantized module"):
         CudaQuantModel(no_output, backend=get_backend("emulator") if EMU_OK else NoLaunch())
     quantized = quantize_model(copy.deepcopy(float_model), "q4_0", backend="dequant")
-    with pytest.raises(ValueError, match="use_graph=True needs the 'cupy' backend"):
-        CudaQuantModel(quantized, backend=NoLaunch(), use_graph=True)
     if not GPU_OK:
         with pytest.raises(RuntimeError, match="needs an NVIDIA GPU with CuPy"):
             CudaQuantModel(quantized)

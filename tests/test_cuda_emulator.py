@@ -2,6 +2,11 @@
 on machines without a GPU). Each test compares the emulator against numpy or checks that
 a bug is reported; each fails if the emulator gets that behaviour wrong."""
 
+import ctypes
+import mmap
+import os
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -11,7 +16,8 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))       # `tests` as a package
-from tests.cuda_emulator import EmulatedKernel, EmulatedModule, emulator_available  # noqa: E402
+from tests.cuda_emulator import (EmulatedKernel, EmulatedModule, emulator_available,  # noqa: E402
+                                 run_in_every_block_order)
 
 _ok, _why = emulator_available()
 pytestmark = pytest.mark.skipif(not _ok, reason=_why)
@@ -562,19 +568,6 @@ def test_compile_error_shows_gxx_message():
         EmulatedKernel("extern \"C\" __global__ void k(float* y) {}", "nope")
 
 
-def test_check_bounds_catches_out_of_bounds_write():
-    src = r'''extern "C" __global__ void off_by_one(const float* x, float* y, int n) {
-        int i = blockIdx.x * blockDim.x + threadIdx.x;
-        if (i <= n) y[i] = 2.0f * x[i];      // bug: <= n
-    }'''
-    x = np.arange(40, dtype=np.float32)
-    y = np.zeros(40, np.float32)
-    with pytest.raises(RuntimeError, match=r"argument 1 \('y', 160 bytes\): out-of-bounds write to elements "
-                                           r"40\.\.40 \(byte offsets 160\.\.163\)"):
-        EmulatedKernel(src, "off_by_one", check_bounds=True)(1, 64, (x, y, np.int32(40)))
-    np.testing.assert_array_equal(y, 2 * x)          # in-bounds results still copied back
-
-
 def test_launch_speed(mod):
     k = mod.get_function("warp_sum")
     x = np.ones(64 * 128, np.float32)
@@ -586,3 +579,428 @@ def test_launch_speed(mod):
     elapsed = time.perf_counter() - t0
     assert elapsed < 1.0, f"64 blocks x 128 threads took {elapsed:.2f} s"
     np.testing.assert_array_equal(out, 128)
+
+
+# ---- misaligned loads and stores fault, as on a GPU ----------------------------------------------
+
+ALIGNMENT = r"""
+static_assert(alignof(float4) == 16 && alignof(uint4) == 16 && alignof(int4) == 16 && alignof(double2) == 16, "");
+static_assert(alignof(float2) == 8 && alignof(int2) == 8 && alignof(uint2) == 8 && alignof(longlong2) == 16, "");
+static_assert(alignof(__half2) == 4 && alignof(char4) == 4 && alignof(short4) == 8 && alignof(float3) == 4, "");
+static_assert(sizeof(float3) == 12 && sizeof(__half2) == 4 && sizeof(double4) == 32, "");
+
+// Each kernel loads or stores through a pointer at byte offset `off`; off = 0 is aligned.
+extern "C" __global__ void load_uint4(const unsigned char* b, unsigned* out, int off) {
+    uint4 v = *reinterpret_cast<const uint4*>(b + off + 16 * threadIdx.x);
+    out[threadIdx.x] = v.x ^ v.w;
+}
+extern "C" __global__ void load_float4(const float* x, float* out, int off) {
+    float4 v = reinterpret_cast<const float4*>(x + off)[threadIdx.x];
+    out[threadIdx.x] = v.x + v.y + v.z + v.w;
+}
+extern "C" __global__ void store_float2(float* y, int off) {
+    reinterpret_cast<float2*>(y + off)[threadIdx.x] = make_float2(1.0f, 2.0f);
+}
+extern "C" __global__ void load_int2(const int* x, int* out, int off) {
+    int2 v = *reinterpret_cast<const int2*>(x + off + 2 * threadIdx.x);
+    out[threadIdx.x] = v.x + v.y;
+}
+extern "C" __global__ void load_int_bytes(const unsigned char* b, int* out, int off) {
+    out[threadIdx.x] = *reinterpret_cast<const int*>(b + off + 4 * threadIdx.x);
+}
+extern "C" __global__ void ldg_uint4(const unsigned char* b, unsigned* out, int off) {
+    uint4 v = __ldg(reinterpret_cast<const uint4*>(b + off) + threadIdx.x);
+    out[threadIdx.x] = v.x ^ v.w;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def align_mod():
+    with pytest.MonkeyPatch.context() as mp:            # on, even where a suite turned it off
+        mp.setenv("COURSE_CUDA_EMULATOR_ALIGNMENT", "1")
+        return EmulatedModule(ALIGNMENT).compile()
+
+
+def _alignment_case(name):
+    """(args for byte offset `off`, expected output for off = 0) of each ALIGNMENT kernel."""
+    b = np.arange(512, dtype=np.uint32).astype(np.uint8)
+    f = np.arange(128, dtype=np.float32)
+    i = np.arange(128, dtype=np.int32)
+    words = b[:16 * 4].view(np.uint32).reshape(4, 4)
+    cases = {
+        "load_uint4": (lambda off: (b, np.zeros(4, np.uint32), np.int32(off)), words[:, 0] ^ words[:, 3]),
+        "ldg_uint4": (lambda off: (b, np.zeros(4, np.uint32), np.int32(off)), words[:, 0] ^ words[:, 3]),
+        "load_float4": (lambda off: (f, np.zeros(4, np.float32), np.int32(off)), f[:16].reshape(4, 4).sum(1)),
+        "store_float2": (lambda off: (np.zeros(16, np.float32), np.int32(off)), None),
+        "load_int2": (lambda off: (i, np.zeros(4, np.int32), np.int32(off)), i[:8].reshape(4, 2).sum(1)),
+        "load_int_bytes": (lambda off: (b, np.zeros(4, np.int32), np.int32(off)), b[:16].view(np.int32)),
+    }
+    return cases[name]
+
+
+@pytest.mark.parametrize("name, off, match", [
+    ("load_uint4", 4, r"misaligned load of 'const uint4' at address 0x[0-9a-f]+: needs 16-byte alignment, "
+                      r"a GPU faults here \(line 9, thread \(0,0,0\) of block \(0,0,0\)\)"),
+    ("load_uint4", 8, r"misaligned load of 'const uint4'.*16-byte alignment"),
+    ("ldg_uint4", 4, r"misaligned __ldg of 'const uint4' at .*16-byte alignment.*\(line 27, thread \(0,0,0\)"),
+    ("load_float4", 2, r"misaligned load of 'const float4'.*16-byte alignment.*line 13"),
+    ("store_float2", 1, r"misaligned store to 'float2'.*8-byte alignment.*line 17"),
+    ("load_int2", 1, r"misaligned load of 'const int2'.*8-byte alignment.*line 20"),
+    ("load_int_bytes", 1, r"misaligned load of 'const int'.*4-byte alignment.*line 24"),
+    ("load_int_bytes", 2, r"misaligned load of 'const int'.*4-byte alignment"),
+])
+def test_misaligned_access_faults(align_mod, name, off, match):
+    make_args, expect = _alignment_case(name)
+    k = align_mod.get_function(name, schedule="forward")
+    with pytest.raises(RuntimeError, match=f"{name}<<<.*>>>: {match}"):
+        k(1, 4, make_args(off))
+    args = make_args(0)                  # the same kernel, aligned: runs and is right
+    k(1, 4, args)
+    if expect is not None:
+        np.testing.assert_array_equal(args[1], expect)
+    else:
+        np.testing.assert_array_equal(args[0][:8], [1, 2] * 4)
+
+
+def test_alignment_check_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("COURSE_CUDA_EMULATOR_ALIGNMENT", "0")
+    m = EmulatedModule(ALIGNMENT).compile()
+    assert not m.check_alignment
+    monkeypatch.delenv("COURSE_CUDA_EMULATOR_ALIGNMENT")
+    on = EmulatedModule(ALIGNMENT).compile()
+    assert on.check_alignment and on.so_path != m.so_path       # part of the build's cache key
+    b = np.arange(512, dtype=np.uint32).astype(np.uint8)
+    out = np.zeros(4, np.uint32)
+    m.get_function("load_uint4")(1, 4, (b, out, np.int32(4)))    # the CPU does not mind
+    words = b[4:4 + 64].view(np.uint32).reshape(4, 4)
+    np.testing.assert_array_equal(out, words[:, 0] ^ words[:, 3])
+
+
+# ---- check_bounds: reads past the end and writes outside fault ------------------------------------
+
+BOUNDS = r"""
+extern "C" __global__ void scale(const float* x, float* y, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = 2.0f * x[i];
+}
+extern "C" __global__ void read_next(const float* x, float* y, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = x[i + 1];                    // bug: x[n] for i = n - 1
+}
+extern "C" __global__ void write_to(float* y, int n, int shift) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i + shift] = 1.0f;                // shift 1: y[n]; shift -1: y[-1]
+}
+extern "C" __global__ void read_at(const float* x, float* y, int k) {
+    if (threadIdx.x == 0) y[0] = x[k];
+}
+// y = residual + W a, with y and residual the same array when done in place.
+extern "C" __global__ void residual_matvec(const float* W, const float* a, const float* residual, float* y,
+                                           int rows, int cols) {
+    int r = blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= rows) return;
+    float acc = 0.0f;
+    for (int c = 0; c < cols; ++c) acc += W[r * cols + c] * a[c];
+    y[r] = residual[r] + acc;
+}
+__device__ int deep(int n, volatile char* sink) {
+    char buf[512];
+    buf[n % 512] = (char)n;
+    sink[0] = buf[(n * 7) % 512];
+    return n == 0 ? 0 : deep(n - 1, sink) + buf[n % 512];
+}
+extern "C" __global__ void recurse(int* out, int depth) {
+    volatile char sink[1];
+    out[threadIdx.x] = deep(depth, sink);
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def bounds_mod():
+    return EmulatedModule(BOUNDS).compile()
+
+
+def test_check_bounds_passes_a_correct_kernel(bounds_mod):
+    k = bounds_mod.get_function("scale", check_bounds=True)
+    for n in (40, 64, 3, 1000):                     # with and without slack after the data
+        x = np.arange(n, dtype=np.float32)
+        y = np.zeros(n, np.float32)
+        k(((n + 63) // 64,), (64,), (x, y, np.int32(n)))
+        np.testing.assert_array_equal(y, 2 * x)
+
+
+def test_check_bounds_catches_read_past_the_end(bounds_mod):
+    x = np.arange(40, dtype=np.float32)
+    y = np.zeros(40, np.float32)
+    bounds_mod.get_function("read_next", check_bounds=False)(1, 64, (x, y, np.int32(40)))  # no error
+    k = bounds_mod.get_function("read_next", check_bounds=True, schedule="forward")
+    with pytest.raises(RuntimeError, match=r"read_next<<<\(1, 1, 1\), \(64, 1, 1\)>>>: out-of-bounds read of "
+                                           r"argument 0 \('x', 160 bytes\): the access reached byte offset 160 "
+                                           r"\(element 40\), past its end, in thread \(39,0,0\) of block \(0,0,0\)"):
+        k(1, 64, (x, y, np.int32(40)))
+    np.testing.assert_array_equal(y[:39], x[1:])     # what ran before the fault is copied back
+    # the module and the process are fine afterwards
+    k2 = bounds_mod.get_function("scale", check_bounds=True)
+    k2(1, 64, (x, y, np.int32(40)))
+    np.testing.assert_array_equal(y, 2 * x)
+
+
+def test_check_bounds_catches_out_of_bounds_writes(bounds_mod):
+    k = bounds_mod.get_function("write_to", check_bounds=True)
+    y = np.zeros(40, np.float32)
+    # past the end: the write reaches the protected page at once
+    with pytest.raises(RuntimeError, match=r"out-of-bounds write to argument 0 \('y', 160 bytes\): the access "
+                                           r"reached byte offset 160 \(element 40\), past its end, in thread "
+                                           r"\(39,0,0\) of block \(0,0,0\)"):
+        k(1, 64, (y, np.int32(40), np.int32(1)))
+    # before the start: found afterwards in the guard bytes
+    y = np.zeros(40, np.float32)
+    with pytest.raises(RuntimeError, match=r"write_to<<<.*>>>: argument 0 \('y', 160 bytes\): out-of-bounds "
+                                           r"write to elements -1\.\.-1 \(byte offsets -4\.\.-1\)"):
+        k(1, 64, (y, np.int32(40), np.int32(-1)))
+    np.testing.assert_array_equal(y[:39], 1)           # in-bounds results still copied back
+
+
+def test_check_bounds_limits(bounds_mod):
+    """What is not caught, as the README says: reads of the slack after arrays whose size is
+    not a multiple of 16 bytes, and reads of the guard bytes before the start."""
+    k = bounds_mod.get_function("read_at", check_bounds=True)
+    x = np.arange(3, dtype=np.float32)                 # 12 bytes: 4 bytes of slack
+    y = np.zeros(1, np.float32)
+    k(1, 1, (x, y, np.int32(3)))
+    assert y.view(np.uint32)[0] == 0xA5A5A5A5
+    with pytest.raises(RuntimeError, match=r"out-of-bounds read of argument 0 \('x', 12 bytes\).*offset 16 "
+                                           r"\(element 4\), past its end"):
+        k(1, 1, (x, y, np.int32(4)))
+    k(1, 1, (x, y, np.int32(-100)))                    # 400 bytes before the start
+    assert y.view(np.uint32)[0] == 0xA5A5A5A5
+    # past the guard bytes, the protected page in front of them faults
+    page = mmap.PAGESIZE
+    guard = -(-(4096 + 16) // page) * page - 16        # 0xA5 bytes in front of the 16 (padded) bytes
+    with pytest.raises(RuntimeError, match=r"out-of-bounds read of argument 0 \('x', 12 bytes\).*before its start"):
+        k(1, 1, (x, y, np.int32(-(guard + page // 2) // 4)))
+
+
+def test_check_bounds_shares_exactly_aliased_arguments(bounds_mod):
+    k = bounds_mod.get_function("residual_matvec", check_bounds=True)
+    rng = np.random.default_rng(7)
+    rows, cols = 16, 8
+    W = rng.standard_normal((rows, cols)).astype(np.float32)
+    a = rng.standard_normal(cols).astype(np.float32)
+    y = rng.standard_normal(rows).astype(np.float32)
+    expect = y + W @ a
+    k(1, 32, (W, a, y, y, np.int32(rows), np.int32(cols)))             # in place: y += W a
+    np.testing.assert_allclose(y, expect, rtol=1e-5, atol=1e-5)
+    # one copy for both, named together when something goes wrong
+    W17 = np.concatenate([W, W[:1]])                                  # one row too many
+    with pytest.raises(RuntimeError, match=r"out-of-bounds read of arguments 2 \('residual'\) and 3 \('y'\) "
+                                           r"\(the same 64 bytes\): the access reached byte offset 64"):
+        k(1, 32, (W17, a, y, y, np.int32(rows + 1), np.int32(cols)))
+    with pytest.raises(ValueError, match=r"arguments 2 \('residual'\) and 3 \('y'\) overlap partly"):
+        k(1, 32, (W, a, y[1:], y[:-1], np.int32(rows - 1), np.int32(cols)))
+
+
+def test_check_bounds_default_from_environment(bounds_mod, monkeypatch):
+    monkeypatch.setenv("COURSE_CUDA_EMULATOR_CHECK_BOUNDS", "1")
+    k = bounds_mod.get_function("read_next")
+    assert k.check_bounds
+    x, y = np.arange(8, dtype=np.float32), np.zeros(8, np.float32)
+    with pytest.raises(RuntimeError, match="out-of-bounds read of argument 0"):
+        k(1, 8, (x, y, np.int32(8)))
+    assert not bounds_mod.get_function("read_next", check_bounds=False).check_bounds
+    monkeypatch.setenv("COURSE_CUDA_EMULATOR_CHECK_BOUNDS", "0")
+    assert not bounds_mod.get_function("read_next").check_bounds
+
+
+def _segv_handler() -> int:
+    """The address of the process's current SIGSEGV handler (its sa_handler field)."""
+    libc = ctypes.CDLL(None)
+    act = ctypes.create_string_buffer(256)                  # struct sigaction, handler first
+    assert libc.sigaction(signal.SIGSEGV, None, act) == 0
+    return ctypes.c_void_p.from_buffer(act).value or 0
+
+
+def test_fault_handler_only_during_launch(bounds_mod):
+    before = _segv_handler()
+    x, y = np.arange(8, dtype=np.float32), np.zeros(8, np.float32)
+    bounds_mod.get_function("scale")(1, 8, (x, y, np.int32(8)))
+    assert _segv_handler() == before
+    with pytest.raises(RuntimeError, match="out-of-bounds"):
+        bounds_mod.get_function("read_next", check_bounds=True)(1, 8, (x, y, np.int32(8)))
+    assert _segv_handler() == before
+
+
+def test_fiber_stack_overflow_is_reported(bounds_mod):
+    k = bounds_mod.get_function("recurse", stack_size=64 * 1024, schedule="forward")
+    out = np.zeros(2, np.int32)
+    k(1, 2, (out, np.int32(20)))                       # about 11 KiB of stack: fine
+    with pytest.raises(RuntimeError, match=r"stack overflow in thread \(0,0,0\) of block \(0,0,0\): it needs "
+                                           r"more than stack_size=65536 bytes"):
+        k(1, 2, (out, np.int32(1000)))
+    k(1, 2, (out, np.int32(20)))                       # and the module still works
+
+
+def test_other_faults_still_crash_the_process(tmp_path):
+    """A fault outside the emulator's guard pages is not turned into an error: the process
+    dies of SIGSEGV as it would without the handler."""
+    script = tmp_path / "wild.py"
+    script.write_text(
+        "import sys, numpy as np\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n"
+        "from tests.cuda_emulator import EmulatedKernel\n"
+        "src = 'extern \"C\" __global__ void wild(float* y) { ((float*)(unsigned long)16)[0] = y[0]; }'\n"
+        "EmulatedKernel(src, 'wild', check_bounds=True)(1, 1, (np.zeros(1, np.float32),))\n"
+        "print('survived')\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONFAULTHANDLER": ""})
+    assert r.returncode == -signal.SIGSEGV, (r.returncode, r.stdout, r.stderr)
+    assert "survived" not in r.stdout
+
+
+# ---- block order -----------------------------------------------------------------------------------
+
+BLOCKS = r"""
+// Bug: block b reads what block b - 1 wrote (a running sum across blocks).
+extern "C" __global__ void chained(float* x) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (blockIdx.x > 0) x[i] += x[i - blockDim.x];
+}
+// Correct: every block works on its own elements.
+extern "C" __global__ void independent(const float* x, float* y) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    y[i] = 3.0f * x[i] + 1.0f;
+}
+// Records the position at which each block ran.
+extern "C" __global__ void record_order(int* position, int* counter) {
+    if (threadIdx.x == 0) {
+        int b = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+        position[b] = atomicAdd(counter, 1);
+    }
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def blocks_mod():
+    return EmulatedModule(BLOCKS).compile()
+
+
+def _block_positions(kernel, grid):
+    n = int(np.prod(grid))
+    position, counter = np.full(n, -1, np.int32), np.zeros(1, np.int32)
+    kernel(grid, 32, (position, counter))
+    return position
+
+
+def test_block_orders(blocks_mod):
+    n = 24
+    forward = blocks_mod.get_function("record_order", block_order="forward")
+    assert (_block_positions(forward, (n,)) == np.arange(n)).all()
+    rev = _block_positions(blocks_mod.get_function("record_order", block_order="reverse"), (n,))
+    assert (rev == np.arange(n)[::-1]).all()
+    k = blocks_mod.get_function("record_order", block_order="random")
+    shuffles = [_block_positions(k, (4, 3, 2)) for _ in range(3)]
+    for p in shuffles:
+        assert sorted(p) == list(range(n))             # every block exactly once
+    assert not (shuffles[0] == np.arange(n)).all()
+    assert not (shuffles[0] == shuffles[1]).all()      # a new shuffle per launch
+
+
+def test_block_order_default_from_environment(blocks_mod, monkeypatch):
+    monkeypatch.setenv("COURSE_CUDA_EMULATOR_BLOCK_ORDER", "reverse")
+    k = blocks_mod.get_function("record_order")
+    assert k.block_order == "reverse"
+    assert (_block_positions(k, (5,)) == np.arange(5)[::-1]).all()
+    monkeypatch.setenv("COURSE_CUDA_EMULATOR_BLOCK_ORDER", "sideways")
+    with pytest.raises(ValueError, match=r"block_order must be one of.*'sideways' \(from "
+                                         r"\$COURSE_CUDA_EMULATOR_BLOCK_ORDER\)"):
+        blocks_mod.get_function("record_order")
+
+
+def test_block_order_exposes_inter_block_dependence(blocks_mod):
+    x0 = np.ones(4 * 32, np.float32)
+    results = {}
+    for order in ("forward", "reverse"):
+        x = x0.copy()
+        blocks_mod.get_function("chained", block_order=order)(4, 32, (x,))
+        results[order] = x.reshape(4, 32)[:, 0]
+    np.testing.assert_array_equal(results["forward"], [1, 2, 3, 4])    # "works" in index order
+    np.testing.assert_array_equal(results["reverse"], [1, 2, 2, 2])
+
+
+def test_run_in_every_block_order(blocks_mod):
+    n = 8 * 32
+    x = np.random.default_rng(8).standard_normal(n).astype(np.float32)
+    y = run_in_every_block_order(blocks_mod.get_function("independent"), 8, 32,
+                                 lambda: (x, np.zeros(n, np.float32)), lambda args: args[1])
+    np.testing.assert_array_equal(y, 3 * x + 1)
+    with pytest.raises(RuntimeError, match=r"chained<<<\(8, 1, 1\), \(32, 1, 1\)>>>: the results depend on the "
+                                           r"order in which blocks run \('reverse' differs from 'forward': "
+                                           r"192 of 256 elements, first at index \(64,\): 3\.0 vs 2\.0; 'random' differs from 'forward'"):
+        run_in_every_block_order(blocks_mod.get_function("chained"), 8, 32,
+                                 lambda: (np.ones(n, np.float32),), lambda args: args[0])
+
+
+# ---- registers and shared memory per launch ----------------------------------------------------------
+
+RESOURCES = r"""
+extern "C" __global__ void qmatvec_q4_0(float* y) { y[threadIdx.x] = (float)threadIdx.x; }
+extern "C" __global__ void uses_shared(float* y) {
+    extern __shared__ float buf[];
+    buf[threadIdx.x] = 1.0f;
+    __syncthreads();
+    y[threadIdx.x] = buf[threadIdx.x];
+}
+extern "C" __global__ void unknown(float* y) { y[threadIdx.x] = 1.0f; }
+"""
+
+
+def test_register_budget():
+    y = np.zeros(1024, np.float32)
+    m = EmulatedModule(RESOURCES, resources={"qmatvec_q4_0": {"registers": 80, "shared": 0, "local": 16}})
+    k = m.get_function("qmatvec_q4_0")
+    assert (k.num_regs, k.shared_size_bytes, k.local_size_bytes, k.max_threads_per_block) == (80, 0, 16, 800)
+    k(1, 768, (y,))
+    k(1, 800, (y,))
+    with pytest.raises(RuntimeError, match=r"qmatvec_q4_0<<<\(1, 1, 1\), \(832, 1, 1\)>>>: too many resources "
+                                           r"requested for launch: 80 registers per thread x 832 threads = 66560 "
+                                           r"registers \(allocated per warp in units of 256\) > 65536 per block"):
+        k(1, 832, (y,))
+    # 81 registers: 2592 per warp, rounded up to 2816, so 800 threads need 70400 (not 81 x 800 = 64800)
+    k81 = EmulatedModule(RESOURCES, resources={"qmatvec_q4_0": {"registers": 81}}).get_function("qmatvec_q4_0")
+    assert k81.max_threads_per_block == 736
+    with pytest.raises(RuntimeError, match=r"81 registers per thread x 800 threads = 70400 registers"):
+        k81(1, 800, (y,))
+    k64 = EmulatedModule(RESOURCES, resources={"qmatvec_q4_0": {"registers": 64}}).get_function("qmatvec_q4_0")
+    assert k64.max_threads_per_block == 1024
+    k64(1, 1024, (y,))
+    np.testing.assert_array_equal(y, np.arange(1024))
+    u = m.get_function("unknown")                      # no entry: nothing known, nothing refused
+    assert (u.num_regs, u.shared_size_bytes, u.local_size_bytes, u.max_threads_per_block) == (None, 0, 0, 1024)
+    u(1, 1024, (y,))
+    with pytest.raises(ValueError, match="at most 255"):
+        EmulatedModule(RESOURCES, resources={"unknown": {"registers": 300}})
+
+
+def test_shared_memory_budget():
+    y = np.zeros(256, np.float32)
+    res = {"uses_shared": {"registers": 16, "shared": 16 * 1024, "local": 0}}
+    k = EmulatedModule(RESOURCES, resources=res).get_function("uses_shared")
+    assert k.max_dynamic_shared_size_bytes == 32 * 1024          # 48 KiB in all, static included
+    k(1, 256, (y,), shared_mem=32 * 1024)
+    with pytest.raises(ValueError, match=r"shared_mem=33792 bytes exceeds max_dynamic_shared_size_bytes=32768 "
+                                         r"\(static 16384 \+ dynamic 33792 = 50176 bytes\)"):
+        k(1, 256, (y,), shared_mem=33 * 1024)
+    k.max_dynamic_shared_size_bytes = 211 * 1024                 # opting in, as with CuPy: 227 KiB on sm_90
+    k(1, 256, (y,), shared_mem=211 * 1024)
+    np.testing.assert_array_equal(y, 1)
+    k.max_dynamic_shared_size_bytes = 212 * 1024
+    with pytest.raises(ValueError, match=r"max_dynamic_shared_size_bytes=217088 plus 16384 bytes of static "
+                                         r"__shared__ exceeds the 232448 bytes .* on sm_90"):
+        k(1, 256, (y,), shared_mem=0)
+    k80 = EmulatedModule(RESOURCES, options=("-arch=sm_80",), resources=res).get_function("uses_shared")
+    k80.max_dynamic_shared_size_bytes = 148 * 1024               # 163 KiB on sm_80
+    with pytest.raises(ValueError, match=r"exceeds the 166912 bytes .* on sm_80"):
+        k80(1, 256, (y,))

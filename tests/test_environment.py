@@ -38,7 +38,8 @@ def test_environment_yml_matches_pyproject():
     assert conda_specs() == pyproject_specs()
 
 
-def test_gpu_extra_is_cupy():
-    gpu = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]
-    assert [_split(s)[0] for s in gpu] == ["cupy-cuda12x"]
+def test_gpu_extras_bring_cupy_nvrtc_and_the_headers_for_cuda_12_and_13():
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert [_split(s)[0] for s in extras["gpu"]] == ["cupy-cuda12x", "nvidia-cuda-nvrtc-cu12", "nvidia-cuda-runtime-cu12"]
+    assert [_split(s)[0] for s in extras["gpu13"]] == ["cupy-cuda13x", "nvidia-cuda-nvrtc", "nvidia-cuda-runtime"]
 

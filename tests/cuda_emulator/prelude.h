@@ -10,6 +10,11 @@
 // and resumes the fibers. If nothing can complete, that is a deadlock and the launch fails
 // with a description of who waits where. Because only one fiber runs at a time and
 // switches only happen at barriers, atomics are plain read-modify-write.
+//
+// The file has two parts. Everything up to "the runtime" is what kernels see (force-included
+// into each module). The runtime (scheduler, fault and alignment handlers) is compiled once
+// from this same file with -D__EMU_RUNTIME into a cached object that every module links, so
+// that each kernel compile stays short.
 #pragma once
 #define __CUDA_EMULATOR__ 1
 // Kernels take the device-code path of #if __CUDA_ARCH__ and the NVRTC path (CuPy compiles
@@ -31,10 +36,14 @@
 #include <float.h>
 #include <limits.h>
 #include <ucontext.h>
-#include <sys/mman.h>
 #include <utility>
 #include <type_traits>
+#ifdef __EMU_RUNTIME          // only the runtime (see "the runtime's interface" below) needs these
+#include <signal.h>
+#include <sys/mman.h>
 #include <string>
+#include <vector>
+#endif
 
 // ---- keywords ---------------------------------------------------------------------------
 #define __global__
@@ -54,34 +63,36 @@
 #define __shared__ static
 
 // ---- built-in vector types (sizes and alignments as in CUDA's vector_types.h) -------------
-struct uint3 { unsigned int x, y, z; };
+// The alignment matters: a GPU faults on a float4/uint4/int2/... load from an address that
+// is not a multiple of it, and the emulator's alignment check (see "alignment check" below)
+// only sees such a load if the type here carries the same alignment.
+#define __EMU_VEC(T, B, A1, A2, A3, A4)                                                          \
+    struct __attribute__((aligned(A1))) T##1 { B x; };                                            \
+    struct __attribute__((aligned(A2))) T##2 { B x, y; };                                         \
+    struct __attribute__((aligned(A3))) T##3 { B x, y, z; };                                      \
+    struct __attribute__((aligned(A4))) T##4 { B x, y, z, w; };                                   \
+    inline T##1 make_##T##1(B x) { return {x}; }                                                  \
+    inline T##2 make_##T##2(B x, B y) { return {x, y}; }                                          \
+    inline T##3 make_##T##3(B x, B y, B z) { return {x, y, z}; }                                  \
+    inline T##4 make_##T##4(B x, B y, B z, B w) { return {x, y, z, w}; }
+__EMU_VEC(char, signed char, 1, 2, 1, 4)
+__EMU_VEC(uchar, unsigned char, 1, 2, 1, 4)
+__EMU_VEC(short, short, 2, 4, 2, 8)
+__EMU_VEC(ushort, unsigned short, 2, 4, 2, 8)
+__EMU_VEC(int, int, 4, 8, 4, 16)
+__EMU_VEC(uint, unsigned int, 4, 8, 4, 16)
+__EMU_VEC(long, long, sizeof(long), 2 * sizeof(long), sizeof(long), 16)
+__EMU_VEC(ulong, unsigned long, sizeof(long), 2 * sizeof(long), sizeof(long), 16)
+__EMU_VEC(longlong, long long, 8, 16, 8, 16)
+__EMU_VEC(ulonglong, unsigned long long, 8, 16, 8, 16)
+__EMU_VEC(float, float, 4, 8, 4, 16)
+__EMU_VEC(double, double, 8, 16, 8, 16)
+#undef __EMU_VEC
 struct dim3 {
     unsigned int x, y, z;
     dim3(unsigned int x_ = 1, unsigned int y_ = 1, unsigned int z_ = 1) : x(x_), y(y_), z(z_) {}
     dim3(uint3 v) : x(v.x), y(v.y), z(v.z) {}
 };
-struct __attribute__((aligned(8))) float2 { float x, y; };
-struct float3 { float x, y, z; };
-struct __attribute__((aligned(16))) float4 { float x, y, z, w; };
-struct __attribute__((aligned(8))) int2 { int x, y; };
-struct __attribute__((aligned(16))) int4 { int x, y, z, w; };
-struct __attribute__((aligned(8))) uint2 { unsigned int x, y; };
-struct __attribute__((aligned(16))) uint4 { unsigned int x, y, z, w; };
-struct __attribute__((aligned(4))) char4 { signed char x, y, z, w; };
-struct __attribute__((aligned(4))) uchar4 { unsigned char x, y, z, w; };
-struct __attribute__((aligned(2))) uchar2 { unsigned char x, y; };
-struct __attribute__((aligned(4))) short2 { short x, y; };
-struct __attribute__((aligned(4))) ushort2 { unsigned short x, y; };
-struct __attribute__((aligned(16))) double2 { double x, y; };
-inline float2 make_float2(float x, float y) { return {x, y}; }
-inline float3 make_float3(float x, float y, float z) { return {x, y, z}; }
-inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
-inline int2 make_int2(int x, int y) { return {x, y}; }
-inline int4 make_int4(int x, int y, int z, int w) { return {x, y, z, w}; }
-inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
-inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
-inline char4 make_char4(signed char x, signed char y, signed char z, signed char w) { return {x, y, z, w}; }
-inline uchar4 make_uchar4(unsigned char x, unsigned char y, unsigned char z, unsigned char w) { return {x, y, z, w}; }
 
 // ---- fp16: exact software IEEE binary16 conversion, round-to-nearest-even -----------------
 // NaN payloads follow numpy (truncated, kept non-zero); a GPU returns a canonical NaN.
@@ -130,7 +141,7 @@ struct __half {
     operator float() const { return __emu::half_bits_to_float(__x); }
 };
 typedef __half half;
-struct __half2 { __half x, y; };
+struct __attribute__((aligned(4))) __half2 { __half x, y; };   // CUDA: __align__(4)
 inline float __half2float(__half h) { return __emu::half_bits_to_float(h.__x); }
 inline __half __float2half(float f) { __half h; h.__x = __emu::float_to_half_bits(f); return h; }
 inline __half __float2half_rn(float f) { return __float2half(f); }
@@ -211,7 +222,6 @@ inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
     for (int n = 0; n < 4; ++n) r |= (unsigned)((v >> (8 * ((s >> (4 * n)) & 7))) & 0xff) << (8 * n);
     return r;
 }
-template <class T> inline T __ldg(const T* p) { return *p; }
 inline void __threadfence() {}
 inline void __threadfence_block() {}
 inline void __nanosleep(unsigned) {}
@@ -237,12 +247,16 @@ inline unsigned atomicInc(unsigned* p, unsigned v) { unsigned old = *p; *p = old
 template <class T> inline T atomicCAS(T* p, T compare, T val) { T old = *p; if (old == compare) *p = val; return old; }
 inline unsigned short atomicCAS(unsigned short* p, unsigned short c, unsigned short v) { unsigned short o = *p; if (o == c) *p = v; return o; }
 
-// ---- the scheduler --------------------------------------------------------------------------
+// ---- launch state and the runtime's interface -----------------------------------------------
+// Everything below the "runtime" line is compiled once (g++ -D__EMU_RUNTIME -x c++ prelude.h,
+// no sanitizer, cached) and linked into every module; kernels see only these declarations.
+// That keeps each kernel's compile short, also with -fsanitize=alignment, which would
+// otherwise instrument the scheduler and the std::string code it uses. Hidden visibility:
+// every module (.so) has its own launch state.
+#pragma GCC visibility push(hidden)
 namespace __emu {
 enum State { RUNNABLE, AT_SYNC, AT_WARP, DONE };
 enum WarpOp { W_SHFL, W_UP, W_DOWN, W_XOR, W_BALLOT, W_ANY, W_ALL, W_SYNCWARP };
-static const char* const warp_op_names[] = {"__shfl_sync", "__shfl_up_sync", "__shfl_down_sync",
-    "__shfl_xor_sync", "__ballot_sync", "__any_sync", "__all_sync", "__syncwarp"};
 
 struct Fiber {
     ucontext_t ctx;
@@ -253,47 +267,60 @@ struct Fiber {
     unsigned long long value, result;   // raw bits of a warp collective's operand / result
 };
 
+// check_bounds: a PROT_NONE page next to an argument's copy (the Python side, _GuardedCopy,
+// maps them). A fault inside one is an out-of-bounds access of that argument.
+struct GuardPage {
+    unsigned long long lo, hi;          // the page: [lo, hi)
+    unsigned long long start, nbytes;   // the argument's data in its copy
+    unsigned long long elem;            // element size, for the message (0/1: bytes)
+    const char* label;                  // e.g. "argument 1 ('y', 160 bytes)"
+};
+
+// Everything a launch needs besides the kernel's arguments; mirrored by _LaunchConfig (ctypes)
+// in __init__.py, so the two must change together.
+struct LaunchConfig {
+    unsigned dims[6];                   // grid x y z, block x y z
+    unsigned long long shmem;           // dynamic shared memory bytes
+    int thread_order;                   // 0 forward, 1 reverse, 2 random (reshuffled every round)
+    int block_order;                    // 0 forward, 1 reverse, 2 random (one shuffle per launch)
+    unsigned long long seed;            // for block_order 2
+    unsigned long long stack_bytes;     // per fiber
+    const GuardPage* guards;
+    int nguards;
+    char* err;                          // the error message, if the launch fails
+    unsigned long long errlen;
+};
+
 struct Launch {
     void (*body)(void*) = nullptr;      // runs the kernel once, as the current fiber
     void* body_ctx = nullptr;
+    const LaunchConfig* cfg = nullptr;
     Fiber* fibers = nullptr;
     Fiber* cur = nullptr;
+    bool in_fiber = false;              // true while a fiber (kernel code) runs, not the scheduler
     int nthreads = 0;
+    char* stacks = nullptr;             // fiber i's stack guard page is at stacks + i * stack_slot
+    size_t stack_slot = 0, page = 0;
     ucontext_t sched;
     uint3 blockIdx{0, 0, 0};
     dim3 blockDim, gridDim;
     bool failed = false;
-    std::string error;
 };
-static Launch g;                        // one per compiled module; Python serialises launches
-static void* dyn_smem = nullptr;        // `extern __shared__` arrays are references to this
-static unsigned long long epoch = 0;    // counts blocks over all launches, for per-block
+extern Launch g;                        // one per compiled module; Python serialises launches
+extern void* dyn_smem;                  // `extern __shared__` arrays are references to this
+extern unsigned long long epoch;        // counts blocks over all launches, for per-block
                                         // poisoning of __shared__ variables
 
-// Stop the whole launch with an error (from inside a fiber); never returns.
-[[noreturn]] inline void fail(const std::string& msg) {
-    g.failed = true;
-    if (g.error.empty()) g.error = msg;
-    g.cur->state = DONE;
-    swapcontext(&g.cur->ctx, &g.sched);
-    __builtin_unreachable();
-}
-inline void block_here(int state, int line) {
-    g.cur->state = state;
-    g.cur->line = line;
-    swapcontext(&g.cur->ctx, &g.sched);           // back when the scheduler resolved it
-}
+[[noreturn]] void fail(const char* msg);      // stop the launch with an error (from a fiber)
+[[noreturn]] void trap(int line);             // __trap()
+int syncthreads(int line, int mode, int pred);
+unsigned long long warp_op(int line, int op, unsigned mask, unsigned long long value, int param,
+                           int width, int size);
+void misaligned_ldg(const char* pretty_function, uintptr_t addr, unsigned long long align, unsigned line);
+int run_grid(void (*body)(void*), void* ctx, const LaunchConfig& c);
 
 inline void poison_shared(void* p, size_t n, unsigned long long& seen_epoch) {
     if (seen_epoch != epoch) { memset(p, 0xff, n); seen_epoch = epoch; }
-}
-
-// __syncthreads and its counting variants; mode 0 plain, 1 count, 2 and, 3 or.
-inline int syncthreads(int line, int mode = 0, int pred = 0) {
-    g.cur->op = mode;
-    g.cur->value = pred != 0;
-    block_here(AT_SYNC, line);
-    return (int)g.cur->result;
 }
 
 template <class T> inline unsigned long long to_bits(T v) {
@@ -301,14 +328,6 @@ template <class T> inline unsigned long long to_bits(T v) {
     unsigned long long u = 0; memcpy(&u, &v, sizeof(T)); return u;
 }
 template <class T> inline T from_bits(unsigned long long u) { T v; memcpy(&v, &u, sizeof(T)); return v; }
-
-inline unsigned long long warp_op(int line, int op, unsigned mask, unsigned long long value,
-                                  int param, int width, int size) {
-    Fiber* f = g.cur;
-    f->op = op; f->mask = mask; f->value = value; f->param = param; f->width = width; f->size = size;
-    block_here(AT_WARP, line);
-    return f->result;
-}
 template <class T> inline T shfl(int line, int op, unsigned mask, T v, int param, int width = 32) {
     return from_bits<T>(warp_op(line, op, mask, to_bits(v), param, width, (int)sizeof(T)));
 }
@@ -318,8 +337,118 @@ inline unsigned lane_of(const Fiber* f) {
     return linear % 32;
 }
 
+// Calls kernel k with arguments unpacked from args[i] (a pointer to the i-th value), by
+// value, so each CUDA thread gets its own copy of the parameters, as on the GPU.
+template <class... A, size_t... I>
+inline void invoke(void (*k)(A...), void** args, std::index_sequence<I...>) {
+    k(*reinterpret_cast<std::remove_cv_t<A>*>(args[I])...);
+}
+template <class... A>
+inline int launch(void (*k)(A...), const LaunchConfig* cfg, void** args) {
+    struct Ctx { void (*k)(A...); void** args; } c{k, args};
+    return run_grid([](void* p) { Ctx* c = (Ctx*)p; invoke(c->k, c->args, std::index_sequence_for<A...>{}); },
+                    &c, *cfg);
+}
+
+// Describes parameter types for the Python side's argument checks: one
+// "kind class size align const" entry per parameter, ';'-separated.
+// kind: v value, p pointer; class: f float, h half, i signed, u unsigned, c char, b bool,
+// v void, s struct or other.
+template <class T> constexpr char type_class() {
+    using U = std::remove_cv_t<T>;
+    return std::is_same<U, __half>::value ? 'h' : std::is_same<U, bool>::value ? 'b'
+         : std::is_same<U, char>::value ? 'c' : std::is_floating_point<U>::value ? 'f'
+         : std::is_integral<U>::value ? (std::is_signed<U>::value ? 'i' : 'u')
+         : std::is_void<U>::value ? 'v' : std::is_pointer<U>::value ? 'p' : 's';
+}
+template <class T> constexpr size_t size_or_0() { if constexpr (std::is_void<T>::value) return 0; else return sizeof(T); }
+template <class T> constexpr size_t align_or_1() { if constexpr (std::is_void<T>::value) return 1; else return alignof(T); }
+template <class T> inline void describe_param(char*& out, char* end) {
+    size_t room = (size_t)(end - out);
+    int n;
+    if constexpr (std::is_pointer<T>::value) {
+        using P = std::remove_pointer_t<T>;
+        n = snprintf(out, room, "p %c %zu %zu %d;", type_class<P>(), size_or_0<P>(), align_or_1<P>(),
+                     std::is_const<P>::value ? 1 : 0);
+    } else {
+        n = snprintf(out, room, "v %c %zu %zu 0;", type_class<T>(), sizeof(T), alignof(T));
+    }
+    out += n > 0 && (size_t)n < room ? n : 0;
+}
+template <class... A> inline const char* signature(void (*)(A...)) {
+    static char buf[8192];
+    char* out = buf;
+    buf[0] = 0;
+    (describe_param<A>(out, buf + sizeof buf), ...);
+    return buf;
+}
+}  // namespace __emu
+#pragma GCC visibility pop
+
+// __ldg checks the alignment itself, so that the message names the kernel's line (not this
+// file's, as the sanitizer would for the load below).
+template <class T> inline T __ldg(const T* p, unsigned line = __builtin_LINE()) {
+#ifdef __EMU_CHECK_ALIGNMENT
+    if ((uintptr_t)p % alignof(T)) ::__emu::misaligned_ldg(__PRETTY_FUNCTION__, (uintptr_t)p, alignof(T), line);
+#endif
+    return *p;
+}
+
+#ifdef __EMU_RUNTIME
+// ==== the runtime ==============================================================================
+#pragma GCC visibility push(hidden)
+namespace __emu {
+static const char* const warp_op_names[] = {"__shfl_sync", "__shfl_up_sync", "__shfl_down_sync",
+    "__shfl_xor_sync", "__ballot_sync", "__any_sync", "__all_sync", "__syncwarp"};
+Launch g;
+void* dyn_smem = nullptr;
+unsigned long long epoch = 0;
+static std::string error;               // the launch's first error
+
+// "thread (3,0,0) of block (1,0,0)": the running fiber, for error messages.
+static std::string where() {
+    auto v = [](unsigned x, unsigned y, unsigned z) {
+        return "(" + std::to_string(x) + "," + std::to_string(y) + "," + std::to_string(z) + ")";
+    };
+    return "thread " + v(g.cur->tid.x, g.cur->tid.y, g.cur->tid.z) + " of block " +
+           v(g.blockIdx.x, g.blockIdx.y, g.blockIdx.z);
+}
+
+void fail(const char* msg) {
+    g.failed = true;
+    if (error.empty()) error = msg;
+    g.cur->state = DONE;
+    swapcontext(&g.cur->ctx, &g.sched);   // never resumed
+    __builtin_unreachable();
+}
+void trap(int line) {
+    fail(("__trap() called in " + where() + " at line " + std::to_string(line)).c_str());
+}
+
+static void block_here(int state, int line) {
+    g.cur->state = state;
+    g.cur->line = line;
+    swapcontext(&g.cur->ctx, &g.sched);           // back when the scheduler resolved it
+}
+
+// __syncthreads and its counting variants; mode 0 plain, 1 count, 2 and, 3 or.
+int syncthreads(int line, int mode, int pred) {
+    g.cur->op = mode;
+    g.cur->value = pred != 0;
+    block_here(AT_SYNC, line);
+    return (int)g.cur->result;
+}
+
+unsigned long long warp_op(int line, int op, unsigned mask, unsigned long long value, int param, int width,
+                           int size) {
+    Fiber* f = g.cur;
+    f->op = op; f->mask = mask; f->value = value; f->param = param; f->width = width; f->size = size;
+    block_here(AT_WARP, line);
+    return f->result;
+}
+
 // Which lane a shuffle reads from, or -1 for "own value" (CUDA's rules for width segments).
-inline int shfl_source(int op, int lane, int param, int width) {
+static int shfl_source(int op, int lane, int param, int width) {
     if (width <= 0 || width > 32 || (width & (width - 1))) width = 32;
     int base = lane & ~(width - 1);
     switch (op) {
@@ -332,7 +461,7 @@ inline int shfl_source(int op, int lane, int param, int width) {
 }
 
 // Try to complete warp collectives in warp `w`; returns true if some fibers were released.
-inline bool resolve_warp(int w) {
+static bool resolve_warp(int w) {
     Fiber* lanes[32] = {};
     int first = w * 32, n = g.nthreads - first < 32 ? g.nthreads - first : 32;
     for (int i = 0; i < n; ++i) lanes[i] = &g.fibers[first + i];
@@ -379,7 +508,7 @@ inline bool resolve_warp(int w) {
     return progress;
 }
 
-inline std::string describe_block() {
+static std::string describe_block() {
     // e.g. "threads 0-31: __syncthreads() at line 12; threads 32-63: exited"
     std::string out;
     int i = 0;
@@ -399,13 +528,108 @@ inline std::string describe_block() {
     return out;
 }
 
-inline void fiber_entry() {
+// ---- faults: out-of-bounds accesses (check_bounds) and fiber stack overflows ---------------
+// During a launch a SIGSEGV/SIGBUS handler runs on its own stack (sigaltstack, so that it also
+// runs when a fiber has overflowed its stack). A fault in one of the PROT_NONE pages that
+// check_bounds places around each argument's copy, or in the guard page below a fiber's
+// stack, stops the launch with a message: the handler jumps back to the scheduler and
+// abandons the fiber, as fail() does. Any other fault is not ours: the handler puts the
+// previous handlers back and returns, the access faults again, and the process crashes as it
+// would without the emulator (Python's faulthandler, if enabled, still prints its traceback).
+static struct sigaction old_segv, old_bus;
+static stack_t old_altstack;
+static bool fault_handlers_on = false;
+alignas(64) static char fault_stack[64 * 1024];
+
+// 1 if the faulting access was a write, 0 a read, -1 unknown (from the CPU's fault record).
+static int fault_is_write(void* uctx) {
+#if defined(__x86_64__)
+    return (((ucontext_t*)uctx)->uc_mcontext.gregs[REG_ERR] & 2) ? 1 : 0;   // page fault error code
+#elif defined(__aarch64__)
+    // The signal frame holds records {u32 magic, u32 size, ...}; the ESR one (magic 0x45535201)
+    // has the exception syndrome, whose bit 6 (WnR) says "write" for a data abort.
+    unsigned char* p = ((ucontext_t*)uctx)->uc_mcontext.__reserved;
+    unsigned char* end = p + sizeof(((ucontext_t*)uctx)->uc_mcontext.__reserved);
+    while (p + 8 <= end) {
+        uint32_t magic, size;
+        memcpy(&magic, p, 4); memcpy(&size, p + 4, 4);
+        if (magic == 0 || size < 8) break;
+        if (magic == 0x45535201u && p + 16 <= end) { uint64_t esr; memcpy(&esr, p + 8, 8); return (int)((esr >> 6) & 1); }
+        p += size;
+    }
+    return -1;
+#else
+    (void)uctx;
+    return -1;
+#endif
+}
+
+// The message for a fault at `addr`, or "" if the address is not one of ours.
+static std::string describe_fault(uintptr_t addr, int write) {
+    const LaunchConfig* c = g.cfg;
+    for (int i = 0; c && i < c->nguards; ++i) {
+        const GuardPage& gp = c->guards[i];
+        if (addr < gp.lo || addr >= gp.hi) continue;
+        long long off = (long long)(addr - gp.start), elem = (long long)gp.elem;
+        std::string msg = std::string("out-of-bounds ") + (write == 1 ? "write to " : write == 0 ? "read of " : "access to ") +
+                          gp.label + ": the access reached byte offset " + std::to_string(off);
+        if (elem > 1) msg += " (element " + std::to_string(off >= 0 ? off / elem : -((-off + elem - 1) / elem)) + ")";
+        msg += off >= 0 ? ", past its end" : ", before its start";
+        return msg + ", in " + where();
+    }
+    for (int i = 0; g.stacks && i < g.nthreads; ++i) {
+        uintptr_t lo = (uintptr_t)(g.stacks + i * g.stack_slot);
+        if (addr >= lo && addr < lo + g.page)
+            return "stack overflow in " + where() + ": it needs more than stack_size=" +
+                   std::to_string(c ? c->stack_bytes : 0) + " bytes (deep recursion or large local arrays?)";
+    }
+    return "";
+}
+
+static void uninstall_fault_handlers(bool restore_altstack) {
+    if (!fault_handlers_on) return;
+    sigaction(SIGSEGV, &old_segv, nullptr);
+    sigaction(SIGBUS, &old_bus, nullptr);
+    if (restore_altstack) sigaltstack(&old_altstack, nullptr);
+    fault_handlers_on = false;
+}
+
+static void on_fault(int, siginfo_t* si, void* uctx) {
+    std::string msg = g.in_fiber ? describe_fault((uintptr_t)si->si_addr, fault_is_write(uctx)) : "";
+    if (msg.empty()) {                    // not ours: crash as before (still on the alt stack,
+        uninstall_fault_handlers(false);  // which sigaltstack cannot change from here)
+        return;
+    }
+    g.failed = true;
+    if (error.empty()) error = msg;
+    g.cur->state = DONE;
+    g.in_fiber = false;
+    setcontext(&g.sched);                 // the scheduler's saved signal mask unblocks SIGSEGV
+}
+
+static void install_fault_handlers() {
+    stack_t st{};
+    st.ss_sp = fault_stack;
+    st.ss_size = sizeof fault_stack;
+    sigaltstack(&st, &old_altstack);
+    old_altstack.ss_flags &= SS_DISABLE;  // sigaltstack() accepts only 0 or SS_DISABLE back
+    struct sigaction sa{};
+    sa.sa_sigaction = on_fault;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGSEGV, &sa, &old_segv);
+    sigaction(SIGBUS, &sa, &old_bus);
+    fault_handlers_on = true;
+}
+
+// ---- running a launch ------------------------------------------------------------------------
+static void fiber_entry() {
     g.body(g.body_ctx);
     g.cur->state = DONE;      // returning switches to uc_link, the scheduler
 }
 
-// Runs one block to completion; returns false (with g.error set) on deadlock or failure.
-inline bool run_block(int order, unsigned long long& rng) {
+// Runs one block to completion; returns false (with `error` set) on deadlock or failure.
+static bool run_block(int order, unsigned long long& rng) {
     int n = g.nthreads;
     int perm[1024];                                   // blockDim <= 1024, checked in Python
     for (int i = 0; i < n; ++i) perm[i] = order == 1 ? n - 1 - i : i;
@@ -421,7 +645,9 @@ inline bool run_block(int order, unsigned long long& rng) {
             Fiber* f = &g.fibers[perm[k]];
             if (f->state != RUNNABLE) continue;
             g.cur = f;
+            g.in_fiber = true;
             swapcontext(&g.sched, &f->ctx);
+            g.in_fiber = false;
             if (g.failed) return false;
         }
         // Everyone is blocked or done: resolve warp collectives first, then __syncthreads.
@@ -453,108 +679,177 @@ inline bool run_block(int order, unsigned long long& rng) {
             }
             continue;
         }
-        g.error = "deadlock in block (" + std::to_string(g.blockIdx.x) + "," + std::to_string(g.blockIdx.y) +
-                  "," + std::to_string(g.blockIdx.z) + "): " + describe_block();
+        error = "deadlock in block (" + std::to_string(g.blockIdx.x) + "," + std::to_string(g.blockIdx.y) +
+                "," + std::to_string(g.blockIdx.z) + "): " + describe_block();
         return false;
     }
 }
 
-// dims: grid x y z, block x y z. order: 0 thread order, 1 reversed, 2 shuffled every round.
-inline int run_grid(void (*body)(void*), void* ctx, const unsigned* dims, unsigned long long shmem,
-                    int order, unsigned long long stack_bytes, char* err, unsigned long long errlen) {
+// The k-th block to run (0 <= k < total), as a linear index: index order, reversed, or one
+// shuffle per launch (blocks that depend on each other then give different results).
+struct BlockOrder {
+    int order;
+    unsigned long long total;
+    std::vector<unsigned long long> perm;
+    BlockOrder(int order_, unsigned long long total_, unsigned long long seed) : order(order_), total(total_) {
+        if (order != 2) return;
+        perm.resize(total);
+        for (unsigned long long i = 0; i < total; ++i) perm[i] = i;
+        unsigned long long rng = seed * 0x9E3779B97F4A7C15ULL + 0x853c49e6748fea9bULL;
+        for (unsigned long long i = total; i > 1; --i) {
+            rng = rng * 6364136223846793005ULL + 1442695040888963407ULL;
+            std::swap(perm[i - 1], perm[(rng >> 17) % i]);
+        }
+    }
+    unsigned long long operator[](unsigned long long k) const {
+        return order == 0 ? k : order == 1 ? total - 1 - k : perm[k];
+    }
+};
+
+static void reset_fibers(const unsigned* dims) {
+    for (int i = 0; i < g.nthreads; ++i) {
+        Fiber& f = g.fibers[i];
+        f.tid = {i % dims[3], (i / dims[3]) % dims[4], i / (dims[3] * dims[4])};
+        f.state = RUNNABLE;
+        getcontext(&f.ctx);
+        f.ctx.uc_stack.ss_sp = g.stacks + i * g.stack_slot + g.page;
+        f.ctx.uc_stack.ss_size = g.stack_slot - g.page;
+        f.ctx.uc_link = &g.sched;
+        makecontext(&f.ctx, fiber_entry, 0);
+    }
+}
+
+static bool run_blocks(const LaunchConfig& c, void* smem) {
+    const unsigned* dims = c.dims;
+    unsigned long long gx = dims[0], gxy = gx * dims[1], total = gxy * dims[2];
+    BlockOrder blocks(c.block_order, total, c.seed);
+    unsigned long long rng = 0x853c49e6748fea9bULL;       // for thread_order 2
+    for (unsigned long long k = 0; k < total; ++k) {
+        unsigned long long b = blocks[k];
+        g.blockIdx = {(unsigned)(b % gx), (unsigned)(b % gxy / gx), (unsigned)(b / gxy)};
+        ++epoch;
+        memset(smem, 0xff, c.shmem);      // poison: uninitialised reads show as NaN / -1
+        reset_fibers(dims);
+        if (!run_block(c.thread_order, rng)) return false;
+    }
+    return true;
+}
+
+int run_grid(void (*body)(void*), void* ctx, const LaunchConfig& c) {
     g = Launch();
-    g.body = body; g.body_ctx = ctx;
-    g.gridDim = dim3(dims[0], dims[1], dims[2]);
-    g.blockDim = dim3(dims[3], dims[4], dims[5]);
-    int n = (int)(dims[3] * dims[4] * dims[5]);
+    error.clear();
+    g.body = body; g.body_ctx = ctx; g.cfg = &c;
+    g.gridDim = dim3(c.dims[0], c.dims[1], c.dims[2]);
+    g.blockDim = dim3(c.dims[3], c.dims[4], c.dims[5]);
+    int n = (int)(c.dims[3] * c.dims[4] * c.dims[5]);
     g.nthreads = n;
-    const size_t page = 4096, stack = (stack_bytes + page - 1) / page * page, slot = stack + page;
+    const size_t page = 4096, stack = (c.stack_bytes + page - 1) / page * page, slot = stack + page;
     // One mapping for all stacks; untouched pages cost nothing. A PROT_NONE guard page
-    // below each stack turns a fiber's stack overflow into a crash instead of corruption.
+    // below each stack turns a fiber's stack overflow into an error instead of corruption.
     char* stacks = (char*)mmap(nullptr, slot * n, PROT_READ | PROT_WRITE,
                                MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (stacks == MAP_FAILED) { snprintf(err, errlen, "mmap of fiber stacks failed"); return 1; }
+    if (stacks == MAP_FAILED) { snprintf(c.err, c.errlen, "mmap of fiber stacks failed"); return 1; }
     for (int i = 0; i < n; ++i) mprotect(stacks + i * slot, page, PROT_NONE);
-    Fiber* fibers = new Fiber[n];
-    g.fibers = fibers;
+    g.stacks = stacks; g.stack_slot = slot; g.page = page;
+    g.fibers = new Fiber[n];
     void* smem = nullptr;
-    if (posix_memalign(&smem, 256, shmem ? shmem : 16)) smem = nullptr;
+    if (posix_memalign(&smem, 256, c.shmem ? c.shmem : 16)) smem = nullptr;
     dyn_smem = smem;
-    unsigned long long rng = 0x853c49e6748fea9bULL;
     bool ok = smem != nullptr;
-    if (!ok) g.error = "could not allocate dynamic shared memory";
-    for (unsigned z = 0; ok && z < dims[2]; ++z)
-        for (unsigned y = 0; ok && y < dims[1]; ++y)
-            for (unsigned x = 0; ok && x < dims[0]; ++x) {
-                g.blockIdx = {x, y, z};
-                ++epoch;
-                memset(smem, 0xff, shmem);      // poison: uninitialised reads show as NaN / -1
-                for (int i = 0; i < n; ++i) {
-                    Fiber& f = fibers[i];
-                    f.tid = {i % dims[3], (i / dims[3]) % dims[4], i / (dims[3] * dims[4])};
-                    f.state = RUNNABLE;
-                    getcontext(&f.ctx);
-                    f.ctx.uc_stack.ss_sp = stacks + i * slot + page;
-                    f.ctx.uc_stack.ss_size = stack;
-                    f.ctx.uc_link = &g.sched;
-                    makecontext(&f.ctx, fiber_entry, 0);
-                }
-                ok = run_block(order, rng);
-            }
-    if (!ok) snprintf(err, errlen, "%s", g.error.c_str());
+    if (!ok) error = "could not allocate dynamic shared memory";
+    if (ok) {
+        install_fault_handlers();
+        ok = run_blocks(c, smem);
+        uninstall_fault_handlers(true);
+    }
+    if (!ok) snprintf(c.err, c.errlen, "%s", error.c_str());
     fflush(stdout);                          // device printf output appears in order
-    delete[] fibers;
+    delete[] g.fibers;
     g.fibers = nullptr;
+    g.stacks = nullptr;
+    g.cfg = nullptr;
     free(smem);
     dyn_smem = nullptr;
     munmap(stacks, slot * n);
     return ok ? 0 : 1;
 }
 
-// Calls kernel k with arguments unpacked from args[i] (a pointer to the i-th value), by
-// value, so each CUDA thread gets its own copy of the parameters, as on the GPU.
-template <class... A, size_t... I>
-inline void invoke(void (*k)(A...), void** args, std::index_sequence<I...>) {
-    k(*reinterpret_cast<std::remove_cv_t<A>*>(args[I])...);
-}
-template <class... A>
-inline int launch(void (*k)(A...), const unsigned* dims, unsigned long long shmem, void** args, int order,
-                  unsigned long long stack_bytes, char* err, unsigned long long errlen) {
-    struct Ctx { void (*k)(A...); void** args; } c{k, args};
-    return run_grid([](void* p) { Ctx* c = (Ctx*)p; invoke(c->k, c->args, std::index_sequence_for<A...>{}); },
-                    &c, dims, shmem, order, stack_bytes, err, errlen);
-}
+// ---- alignment check ------------------------------------------------------------------------
+// Unless $COURSE_CUDA_EMULATOR_ALIGNMENT=0, kernels are compiled with g++ -fsanitize=alignment
+// (and __EMU_CHECK_ALIGNMENT defined): every load, store and member access through a pointer
+// checks that the address is a multiple of the type's alignment, and calls the handler below
+// if not. A GPU faults there ("misaligned address"), where a CPU would quietly load. The
+// handlers are ours (libubsan is not linked): they stop the launch as __trap() does.
+// Layouts of the data the compiler passes (GCC's and clang's UBSan ABI, "_v1").
+struct UbsanSourceLocation { const char* file; unsigned line, column; };
+struct UbsanTypeDescriptor { unsigned short kind, info; char name[1]; };
+struct UbsanTypeMismatchData {
+    UbsanSourceLocation loc;
+    const UbsanTypeDescriptor* type;
+    unsigned char log_alignment;        // log2 of the alignment the type needs
+    unsigned char type_check_kind;      // 0 load, 1 store, 2 reference binding (p[i]), 3 member access, ...
+};
 
-// Describes parameter types for the Python side's argument checks: one
-// "kind class size align const" entry per parameter, ';'-separated.
-// kind: v value, p pointer; class: f float, h half, i signed, u unsigned, c char, b bool,
-// v void, s struct or other.
-template <class T> constexpr char type_class() {
-    using U = std::remove_cv_t<T>;
-    return std::is_same<U, __half>::value ? 'h' : std::is_same<U, bool>::value ? 'b'
-         : std::is_same<U, char>::value ? 'c' : std::is_floating_point<U>::value ? 'f'
-         : std::is_integral<U>::value ? (std::is_signed<U>::value ? 'i' : 'u')
-         : std::is_void<U>::value ? 'v' : std::is_pointer<U>::value ? 'p' : 's';
+// GCC writes "'const struct uint4'"; a CUDA programmer writes const uint4.
+static std::string plain_type_name(std::string s) {
+    if (s.size() >= 2 && s.front() == '\'' && s.back() == '\'') s = s.substr(1, s.size() - 2);
+    for (const char* tag : {"struct ", "class ", "union "})
+        for (size_t k; (k = s.find(tag)) != std::string::npos;) s.erase(k, strlen(tag));
+    return s;
 }
-template <class T> constexpr size_t size_or_0() { if constexpr (std::is_void<T>::value) return 0; else return sizeof(T); }
-template <class T> constexpr size_t align_or_1() { if constexpr (std::is_void<T>::value) return 1; else return alignof(T); }
-template <class T> inline std::string describe_param() {
-    if constexpr (std::is_pointer<T>::value) {
-        using P = std::remove_pointer_t<T>;
-        return std::string("p ") + type_class<P>() + " " + std::to_string(size_or_0<P>()) + " " +
-               std::to_string(align_or_1<P>()) + " " + (std::is_const<P>::value ? "1" : "0");
-    } else {
-        return std::string("v ") + type_class<T>() + " " + std::to_string(sizeof(T)) + " " +
-               std::to_string(alignof(T)) + " 0";
-    }
+// "line 12" for the kernel source, "prelude.h line 230" for code in the prelude.
+static std::string source_line(const char* file, unsigned line) {
+    std::string f = file ? file : "";
+    size_t slash = f.find_last_of('/');
+    if (slash != std::string::npos) f = f.substr(slash + 1);
+    bool kernel = f.empty() || (f.compare(0, 7, "kernel.") == 0 && f.size() > 3 && f.compare(f.size() - 3, 3, ".cu") == 0);
+    return (kernel ? "" : f + " ") + "line " + std::to_string(line);
 }
-template <class... A> inline const char* signature(void (*)(A...)) {
-    static std::string s;
-    s.clear();
-    ((s += describe_param<A>() + ";"), ...);
-    return s.c_str();
+static std::string type_mismatch_message(const char* access, const std::string& type, uintptr_t addr,
+                                         unsigned long long align, const char* file, unsigned line) {
+    char hex[32];
+    snprintf(hex, sizeof hex, "0x%llx", (unsigned long long)addr);
+    std::string at = " (" + source_line(file, line) + (g.in_fiber ? ", " + where() : std::string()) + ")";
+    if (addr == 0) return std::string(access) + " null pointer of type '" + type + "'" + at;
+    if (addr & (align - 1))
+        return std::string("misaligned ") + access + " '" + type + "' at address " + hex + ": needs " +
+               std::to_string(align) + "-byte alignment, a GPU faults here" + at;
+    return std::string(access) + " '" + type + "' at address " + hex + ": type check failed" + at;
+}
+// Inside a kernel thread: stop the launch. Elsewhere (no fiber to abandon): warn on stderr.
+static void report_type_mismatch(const std::string& msg) {
+    if (g.in_fiber) fail(msg.c_str());
+    fprintf(stderr, "CUDA emulator: %s\n", msg.c_str());
+}
+static void on_type_mismatch(const UbsanTypeMismatchData* d, uintptr_t ptr) {
+    static const char* const access[] = {"load of", "store to", "access to", "member access within",
+                                         "member call on", "constructor call on"};
+    std::string type = plain_type_name(d->type->name);
+    const char* what = d->type_check_kind < 6 ? access[d->type_check_kind] : "access to";
+    // `*p` / `p[i]` is checked as a reference binding before the load or store; a const one
+    // can only be read.
+    if (d->type_check_kind == 2 && type.compare(0, 6, "const ") == 0) what = "load of";
+    report_type_mismatch(type_mismatch_message(what, type, ptr, 1ULL << d->log_alignment, d->loc.file,
+                                               d->loc.line));
+}
+void misaligned_ldg(const char* pretty_function, uintptr_t addr, unsigned long long align, unsigned line) {
+    std::string f = pretty_function, type = "?";         // "T __ldg(const T*, unsigned int) [with T = uint4]"
+    size_t a = f.find("T = ");
+    if (a != std::string::npos) type = "const " + f.substr(a + 4, f.find_first_of(";]", a) - a - 4);
+    report_type_mismatch(type_mismatch_message("__ldg of", type, addr, align, nullptr, line));
 }
 }  // namespace __emu
+#pragma GCC visibility pop
+extern "C" __attribute__((visibility("hidden"))) void __ubsan_handle_type_mismatch_v1(
+        const ::__emu::UbsanTypeMismatchData* d, uintptr_t ptr) {
+    ::__emu::on_type_mismatch(d, ptr);
+}
+extern "C" __attribute__((visibility("hidden"))) void __ubsan_handle_type_mismatch_v1_abort(
+        const ::__emu::UbsanTypeMismatchData* d, uintptr_t ptr) {
+    ::__emu::on_type_mismatch(d, ptr);
+    abort();
+}
+#endif  // __EMU_RUNTIME
 
 // ---- built-in variables and barriers, as macros so that they read the current fiber ---------
 #define threadIdx (::__emu::g.cur->tid)
@@ -562,7 +857,7 @@ template <class... A> inline const char* signature(void (*)(A...)) {
 #define blockDim (::__emu::g.blockDim)
 #define gridDim (::__emu::g.gridDim)
 static constexpr int warpSize = 32;
-#define __syncthreads() ::__emu::syncthreads(__LINE__)
+#define __syncthreads() ::__emu::syncthreads(__LINE__, 0, 0)
 #define __syncthreads_count(p) ::__emu::syncthreads(__LINE__, 1, (p))
 #define __syncthreads_and(p) ::__emu::syncthreads(__LINE__, 2, (p))
 #define __syncthreads_or(p) ::__emu::syncthreads(__LINE__, 3, (p))
@@ -577,8 +872,7 @@ inline void __syncwarp(unsigned mask = 0xffffffffu, int line = __builtin_LINE())
 #define __ballot_sync(m, p) ((unsigned)::__emu::warp_op(__LINE__, ::__emu::W_BALLOT, (m), (p) != 0, 0, 32, 4))
 #define __any_sync(m, p) ((int)::__emu::warp_op(__LINE__, ::__emu::W_ANY, (m), (p) != 0, 0, 32, 4))
 #define __all_sync(m, p) ((int)::__emu::warp_op(__LINE__, ::__emu::W_ALL, (m), (p) != 0, 0, 32, 4))
-#define __trap() ::__emu::fail("__trap() called in thread (" + std::to_string(threadIdx.x) + "," + \
-    std::to_string(threadIdx.y) + "," + std::to_string(threadIdx.z) + ") at line " + std::to_string(__LINE__))
+#define __trap() ::__emu::trap(__LINE__)
 // Lanes of this warp that have not exited (an approximation: no notion of divergence here).
 inline unsigned __activemask() {
     unsigned m = 0, base = (unsigned)(::__emu::g.cur - ::__emu::g.fibers) / 32 * 32;

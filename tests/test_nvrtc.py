@@ -1,0 +1,106 @@
+"""The NVRTC gate: every CUDA C source of chapter 09 compiles with NVRTC, the compiler inside cupy.RawModule,
+for an A100 (sm_80) and an H100/H200 (sm_90), with the exact options the CuPy backend uses, on a machine without
+a GPU. `nvcc` and the g++ emulator both accept things NVRTC rejects (they see <math.h>; NVRTC does not), so
+only this test catches a chapter that would fail at its first launch on a real GPU. The machine code NVRTC
+makes is then read with cuobjdump: no kernel may spill registers to local memory.
+"""
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+import course_lib.cuda as cuda
+from course_lib.cuda import (NVRTCError, compile_options, cuda_include_dir, cuobjdump_path, decode_source,
+                             exercise_source, kernel_resources, nvrtc_compile, nvrtc_library, occupancy,
+                             max_threads_per_block, registers_per_block, KernelResources)
+
+ARCHS = ("sm_80", "sm_90")
+NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "09_cuda_kernels.ipynb"
+needs_nvrtc = pytest.mark.skipif(nvrtc_library() is None, reason="NVRTC is not installed (pip install nvidia-cuda-nvrtc)")
+needs_cuobjdump = pytest.mark.skipif(cuobjdump_path() is None, reason="cuobjdump is not installed")
+
+
+def notebook_kernel_sources() -> dict:
+    "The CUDA C strings the notebook's own cells define for the exercises (stubs, buggy versions, answers)."
+    out = {}
+    for cell in json.loads(NOTEBOOK.read_text())["cells"]:
+        text = "".join(cell["source"])
+        if cell["cell_type"] != "code" or "#| export" in text:
+            continue
+        for name, body in re.findall(r'^(\w+) = r"""(.*?)"""', text, flags=re.S | re.M):
+            if "__global__" in body:
+                out[name] = body
+    return out
+
+
+@pytest.fixture(scope="module")
+def cubins():
+    if nvrtc_library() is None:
+        pytest.skip("NVRTC is not installed")
+    return {arch: nvrtc_compile(decode_source(), arch) for arch in ARCHS}
+
+
+def test_the_options_are_the_cupy_backends_and_find_cuda_fp16():
+    assert compile_options()[0] == "--std=c++17"
+    include = cuda_include_dir()
+    if include is not None:                      # the dev extra's nvidia-cuda-runtime wheel brings the headers
+        assert (include / "cuda_fp16.h").is_file() and f"-I{include}" in compile_options()
+    assert cuda.CUPY_ADDED_OPTIONS == ("-ftz=true", "--device-as-default-execution-space")
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_whole_decode_source_compiles(cubins, arch):
+    assert cubins[arch][:4] == b"\x7fELF"
+
+
+@needs_nvrtc
+def test_the_gate_fails_on_the_infinity_version():
+    # the chapter as it was: -INFINITY from <math.h>, which nvcc and g++ accept and NVRTC does not know
+    old = decode_source().replace("NEG_INF", "-INFINITY")
+    assert "-INFINITY" in old
+    with pytest.raises(NVRTCError, match='identifier "INFINITY" is undefined'):
+        nvrtc_compile(old, "sm_90")
+
+
+@needs_nvrtc
+def test_every_exercise_and_checker_source_compiles():
+    sources = notebook_kernel_sources()
+    assert {"my_q4_1", "buggy_q4_1", "my_swiglu"} <= set(sources), sorted(sources)
+    sources["library q4_1 (the appendix's answer)"] = cuda.KERNEL_SOURCES["qmatvec_q4_1"]
+    for name, source in sources.items():
+        for arch in ARCHS:
+            assert nvrtc_compile(exercise_source(source), arch)[:4] == b"\x7fELF", name
+
+
+@needs_nvrtc
+def test_nvrtc_errors_name_the_line_and_bad_arguments():
+    with pytest.raises(NVRTCError, match=r"decode\.cu\(2\): error"):
+        nvrtc_compile('extern "C" __global__ void k(float* x) {\n  x[0] = undefined_thing;\n}\n', "sm_90")
+    with pytest.raises(ValueError, match="arch must look like 'sm_90'"):
+        nvrtc_compile("", "hopper")
+    with pytest.raises(TypeError, match="source must be a str"):
+        nvrtc_compile(b"bytes", "sm_90")
+
+
+@needs_nvrtc
+@needs_cuobjdump
+@pytest.mark.parametrize("arch", ARCHS)
+def test_no_kernel_spills_and_every_kernel_is_there(cubins, arch):
+    res = kernel_resources(cubins[arch], arch)
+    names = set(re.findall(r'extern "C" __global__ void (\w+)', decode_source()))
+    assert set(res) == names
+    spilled = {k: r for k, r in res.items() if r.local or r.stack}
+    assert not spilled, f"register spills to local memory: {spilled}"
+    assert all(0 < r.registers <= 255 for r in res.values())
+    assert res["rms_norm"].shared == 32 * 4 and res["argmax_final"].shared == 32 * 8      # the __shared__ arrays
+
+
+def test_register_and_occupancy_arithmetic():
+    # 79 registers: 79 * 32 = 2528 -> 2560 per warp; 65536 / 2560 = 25.6: 25 warps fit, the 26th does not
+    assert registers_per_block(79, 800) == 25 * 2560 <= 65536 < registers_per_block(79, 832)
+    assert occupancy(KernelResources(79, 0, 0, 0), 128) == 24          # 6 blocks of 4 warps: 24 of 64 warps
+    assert occupancy(KernelResources(32, 0, 0, 0), 128) == 64          # not limited by registers
+    assert occupancy(KernelResources(16, 40 * 1024, 0, 0), 256) == 40  # 5 blocks by shared memory (228 KiB)
+    assert max_threads_per_block(79) == 800 and max_threads_per_block(64) == 1024 and max_threads_per_block(255) == 256
