@@ -2,16 +2,19 @@
 
 # %% auto #0
 __all__ = ['GPU_PEAK_BANDWIDTH', 'CUPY_ADDED_OPTIONS', 'SM_LIMITS', 'BLOCK_SHARED_DEFAULT', 'RESERVED_SHARED', 'KERNEL_SOURCES',
-           'MATVEC_INTENSITY', 'FP32_PEAK_FLOPS', 'peak_bandwidth', 'matrix_bytes', 'decode_bytes_per_token',
-           'tokens_per_second_bound', 'NVRTCError', 'cuda_include_dir', 'compile_options', 'nvrtc_library',
-           'nvrtc_compile', 'KernelResources', 'cuobjdump_path', 'cuobjdump', 'kernel_resources', 'registers_per_block',
-           'max_threads_per_block', 'occupancy', 'decode_source', 'gpu_available', 'emulator_status', 'Backend',
-           'cupy_backend', 'emulated_resources', 'emulator_backend', 'get_backend', 'backend_status', 'Launch', 'empty',
-           'to_device', 'to_host', 'cuda_qmatvec_plain', 'repack_blocks', 'unpack_blocks', 'QuantMatrix',
-           'upload_matrix', 'cuda_qmatvec', 'cuda_rms_norm', 'cuda_rope_kv_cache', 'cuda_attention', 'cuda_swiglu',
-           'cuda_add', 'cuda_embedding', 'cuda_argmax', 'cuda_advance_pos', 'random_state', 'random_quant_matrix',
-           'CudaQuantModel', 'nvcc_path', 'compile_ptx', 'ptx_entries', 'load_benchmarks', 'plot_roofline',
-           'format_benchmark', 'exercise_source', 'check_qmatvec_q4_1', 'check_qmatvec_swiglu']
+           'DP4A_SHAPES', 'DP4A_MAX_THREADS', 'H100_SMS', 'DRAM_LATENCY', 'MATVECS', 'ATTENTIONS', 'MATVEC_INTENSITY',
+           'FP32_PEAK_FLOPS', 'peak_bandwidth', 'matrix_bytes', 'decode_bytes_per_token', 'tokens_per_second_bound',
+           'NVRTCError', 'cuda_include_dir', 'compile_options', 'nvrtc_library', 'nvrtc_compile', 'KernelResources',
+           'cuobjdump_path', 'cuobjdump', 'kernel_resources', 'registers_per_block', 'max_threads_per_block',
+           'occupancy', 'decode_source', 'gpu_available', 'emulator_status', 'Backend', 'cupy_backend',
+           'emulated_resources', 'emulator_backend', 'get_backend', 'backend_status', 'Launch', 'empty', 'to_device',
+           'to_host', 'cuda_qmatvec_plain', 'repack_blocks', 'unpack_blocks', 'QuantMatrix', 'upload_matrix',
+           'cuda_qmatvec', 'cuda_quantize_x', 'matvec_launch_shape', 'matvec_unroll', 'cuda_qmatvec_dp4a', 'load_waves',
+           'matvec_model_inputs', 'predicted_bandwidth', 'cuda_rms_norm', 'cuda_rope_kv_cache', 'cuda_attention',
+           'attention_n_splits', 'cuda_attention_split', 'cuda_swiglu', 'cuda_add', 'cuda_embedding', 'cuda_argmax',
+           'cuda_advance_pos', 'random_state', 'random_quant_matrix', 'CudaQuantModel', 'nvcc_path', 'compile_ptx',
+           'ptx_entries', 'load_benchmarks', 'plot_roofline', 'format_benchmark', 'exercise_source',
+           'check_qmatvec_q4_1', 'check_qmatvec_swiglu']
 
 # %% ../notebooks/09_cuda_kernels.ipynb #dcb29220
 import ctypes
@@ -329,6 +332,11 @@ class Backend:
         if key not in self._functions:
             self._functions[key] = self.module(source).get_function(name)
         return self._functions[key]
+
+    @functools.cached_property
+    def sm_count(self) -> int:
+        "Streaming multiprocessors of the device (the emulator reports an H100's 132)."
+        return int(self.xp.cuda.runtime.getDeviceProperties(0)["multiProcessorCount"])
 
     def stream(self):
         "Context manager that makes this backend's (non-blocking) stream the current one."
@@ -808,6 +816,320 @@ def cuda_qmatvec(backend: Backend, W: QuantMatrix, x, y, residual=None, warps_pe
             _as_int32(W.in_features, "in_features"), rpw, np.int32(residual is not None))
     return _launch(backend, kernel or f"qmatvec_{W.scheme}", grid, (32 * wpb,), args, run=run, source=source)
 
+# %% ../notebooks/09_cuda_kernels.ipynb #bb175d51
+KERNEL_SOURCES["qmatvec_dp4a"] = r"""
+#define LOW4 0x0F0F0F0Fu
+
+__device__ __forceinline__ int warp_sum_int(int v) {
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(FULL_MASK, v, offset);
+    return v;
+}
+
+// x (n,) float32 -> int8 blocks of 32, as chapter 08's quantize_act: d = absmax/127, q = round-half-even(x 127/absmax),
+// s = sum(q). xq (n,) int8, xd (n/32,) float32, xs (n/32,) int32. One warp per block: lane j has element j.
+extern "C" __global__ void quantize_q8_1(const float* __restrict__ x, signed char* __restrict__ xq,
+                                         float* __restrict__ xd, int* __restrict__ xs, int n) {
+    const int lane = threadIdx.x & 31;
+    const long long blk = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (blk >= (n >> 5)) return;                           // the whole warp leaves together
+    const long long i = blk * 32 + lane;
+    const float v = x[i];
+    const float amax = warp_max(fabsf(v));
+    const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
+    const int q = __float2int_rn(v * id);                  // |q| <= 127
+    const int s = warp_sum_int(q);
+    xq[i] = (signed char)q;
+    if (lane == 0) { xd[blk] = amax / 127.0f; xs[blk] = s; }
+}
+
+// Weights are read once per product: stream them past L1, which keeps x (read by every warp). The emulator
+// cannot run PTX, so it takes a plain load.
+#ifdef __CUDA_EMULATOR__
+__device__ __forceinline__ uint4 load_weights(const void* p) { return *reinterpret_cast<const uint4*>(p); }
+#else
+__device__ __forceinline__ uint4 load_weights(const void* p) {
+    uint4 v;
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+#endif
+
+// A 16-byte "unit" of weights: one Q4 block (32 nibbles) or half a Q8_0 block (16 int8).
+#define Q4_0 0
+#define Q4_1 1
+#define Q8_0 2
+
+// Q4 block . its 32 int8 activations: byte j holds element j (low nibble) and j + 16 (high); lo = x 0..15,
+// hi = x 16..31. Two dependent chains, not one: half the latency.
+__device__ __forceinline__ int dot_q4_dp4a(const uint4 w, const int4 lo, const int4 hi) {
+    int s = __dp4a((int)(w.x & LOW4), lo.x, 0);
+    int t = __dp4a((int)((w.x >> 4) & LOW4), hi.x, 0);
+    s = __dp4a((int)(w.y & LOW4), lo.y, s);
+    t = __dp4a((int)((w.y >> 4) & LOW4), hi.y, t);
+    s = __dp4a((int)(w.z & LOW4), lo.z, s);
+    t = __dp4a((int)((w.z >> 4) & LOW4), hi.z, t);
+    s = __dp4a((int)(w.w & LOW4), lo.w, s);
+    t = __dp4a((int)((w.w >> 4) & LOW4), hi.w, t);
+    return s + t;
+}
+
+__device__ __forceinline__ int dot_q8_dp4a(const uint4 w, const int4 x) {   // 16 int8 weights . 16 int8 x
+    int s = __dp4a((int)w.x, x.x, 0);
+    int t = __dp4a((int)w.y, x.y, 0);
+    s = __dp4a((int)w.z, x.z, s);
+    t = __dp4a((int)w.w, x.w, t);
+    return s + t;
+}
+
+__device__ __forceinline__ float half_lo(unsigned int bits) { return __half2float(__ushort_as_half((unsigned short)(bits & 0xffffu))); }
+__device__ __forceinline__ float half_hi(unsigned int bits) { return __half2float(__ushort_as_half((unsigned short)(bits >> 16))); }
+
+// Issue one pass's loads: R x U weight units and their scales (raw fp16 bits: d, or d | m << 16 for Q4_1).
+// Units past the row's end (the last pass) load nothing: w = 0 and scale 0 add 0.
+template <int S, int R, int U>
+__device__ __forceinline__ void load_pass(uint4 (&w)[U][R], unsigned int (&sc)[U][R], const unsigned char* w0,
+                                          size_t row_bytes, const unsigned short* s0, int scales_per_row,
+                                          int unit0, int n_units) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+        const int unit = unit0 + 32 * u;
+        const bool ok = unit < n_units;
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const unsigned short* s_row = s0 + (size_t)r * scales_per_row;
+            if (S == Q4_1) sc[u][r] = ok ? reinterpret_cast<const unsigned int*>(s_row)[unit] : 0u;
+            else sc[u][r] = ok ? (unsigned int)s_row[S == Q8_0 ? unit >> 1 : unit] : 0u;
+        }
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+            w[u][r] = ok ? load_weights(w0 + r * row_bytes + (size_t)unit * 16) : make_uint4(0u, 0u, 0u, 0u);
+    }
+}
+
+// One pass's math, with its units' activations (xq as 16-byte words, xd, xs). Units past the row's end read a
+// valid x and add 0.
+template <int S, int R, int U>
+__device__ __forceinline__ void math_pass(const uint4 (&w)[U][R], const unsigned int (&sc)[U][R],
+                                          const signed char* __restrict__ xq, const float* __restrict__ xd,
+                                          const int* __restrict__ xs, int unit0, int n_units, float (&acc)[R]) {
+    const int4* x16 = reinterpret_cast<const int4*>(xq);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+        const int unit = min(unit0 + 32 * u, n_units - 1);
+        if (S == Q8_0) {
+            const int4 xv = x16[unit];                     // adjacent lanes: adjacent 16-byte words
+            const float dx = xd[unit >> 1];
+#pragma unroll
+            for (int r = 0; r < R; ++r) acc[r] += half_lo(sc[u][r]) * dx * (float)dot_q8_dp4a(w[u][r], xv);
+        } else {
+            const int4 lo = x16[2 * unit], hi = x16[2 * unit + 1];   // the block's 32 activations
+            const float dx = xd[unit];
+            const float dxs = dx * (float)(S == Q4_0 ? -8 * xs[unit] : xs[unit]);   // d_x s_x (times -8: Q4_0)
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                const float dot = (float)dot_q4_dp4a(w[u][r], lo, hi);
+                if (S == Q4_0) acc[r] += half_lo(sc[u][r]) * (dx * dot + dxs);
+                else acc[r] += half_lo(sc[u][r]) * (dx * dot) + half_hi(sc[u][r]) * dxs;
+            }
+        }
+    }
+}
+
+// Sum each row's partial sums over the warp; lane r writes row first + r if it is one of this warp's rows
+// (>= row0). y may be residual: lane r reads residual[row], then writes y[row]; no other lane touches that row.
+template <int R>
+__device__ __forceinline__ void store_rows_dp4a(const float (&acc)[R], float* y, const float* residual,
+                                                int add_residual, long long first, long long row0, int rows) {
+    const int lane = threadIdx.x & 31;
+    float mine = 0.0f;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        const float v = warp_sum(acc[r]);
+        if (lane == r) mine = v;                           // a select, not a dynamically indexed array
+    }
+    const long long row = first + lane;
+    if (lane < R && row >= row0 && row < rows) y[row] = add_residual ? residual[row] + mine : mine;
+}
+
+// Warp w computes rows R w .. R w + R - 1. Lane l takes units l, l + 32, ... of each row, U per pass: R x U
+// independent 16-byte loads, issued (with their scales) one pass before the math that needs them.
+template <int S, int R, int U>
+__device__ __forceinline__ void qmatvec_dp4a(const unsigned char* __restrict__ quants, const __half* __restrict__ scales,
+                                             const signed char* __restrict__ xq, const float* __restrict__ xd,
+                                             const int* __restrict__ xs, float* y, const float* residual,
+                                             int rows, int in_features, int add_residual) {
+    const int lane = threadIdx.x & 31;
+    const long long row0 = ((long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * R;
+    if (row0 >= rows) return;                              // the whole warp leaves together
+    const int nb = in_features >> 5;
+    const int n_units = S == Q8_0 ? 2 * nb : nb;
+    const size_t row_bytes = (size_t)n_units * 16;
+    const int scales_per_row = S == Q4_1 ? 2 * nb : nb;
+    // the last warp's window of R rows ends at the last row (rows >= R, checked on the host); the rows before
+    // row0 in it are the previous warp's: computed again, not stored
+    const long long first = min(row0, (long long)rows - R);
+    const unsigned char* w0 = quants + first * row_bytes;
+    const unsigned short* s0 = reinterpret_cast<const unsigned short*>(scales) + first * scales_per_row;
+    float acc[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[r] = 0.0f;
+    uint4 w[U][R];
+    unsigned int sc[U][R];
+    load_pass<S, R, U>(w, sc, w0, row_bytes, s0, scales_per_row, lane, n_units);
+    for (int base = 0; base < n_units; base += 32 * U) {
+        uint4 w_now[U][R];
+        unsigned int sc_now[U][R];
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+#pragma unroll
+            for (int r = 0; r < R; ++r) { w_now[u][r] = w[u][r]; sc_now[u][r] = sc[u][r]; }
+        if (base + 32 * U < n_units)                       // the next pass's loads, before this pass's math
+            load_pass<S, R, U>(w, sc, w0, row_bytes, s0, scales_per_row, base + 32 * U + lane, n_units);
+        math_pass<S, R, U>(w_now, sc_now, xq, xd, xs, base + lane, n_units, acc);
+    }
+    store_rows_dp4a<R>(acc, y, residual, add_residual, first, row0, rows);
+}
+"""
+
+# One extern "C" kernel per (scheme, R, U) that the launch rule uses: CuPy and the emulator find kernels by name.
+# (R, U): R x U = 4 loads in flight, or fewer where a row has fewer units than 4 / R slots of 32 lanes.
+DP4A_SHAPES = ((1, 4), (1, 2), (1, 1), (2, 2), (2, 1), (4, 1))
+DP4A_MAX_THREADS = 256                                     # __launch_bounds__(256, 4): at most 64 registers
+KERNEL_SOURCES["qmatvec_dp4a"] += "".join(f"""
+extern "C" __global__ void __launch_bounds__(256, 4) qmatvec_dp4a_{scheme}_r{R}_u{U}(
+        const {qtype}* __restrict__ quants, const __half* __restrict__ scales, const signed char* __restrict__ xq,
+        const float* __restrict__ xd, const int* __restrict__ xs, float* y, const float* residual, int rows,
+        int in_features, int add_residual) {{
+    qmatvec_dp4a<{scheme.upper()}, {R}, {U}>(reinterpret_cast<const unsigned char*>(quants), scales, xq, xd, xs, y,
+                                        residual, rows, in_features, add_residual);
+}}
+""" for scheme, qtype in (("q4_0", "unsigned char"), ("q4_1", "unsigned char"), ("q8_0", "signed char"))
+    for R, U in DP4A_SHAPES)
+
+# %% ../notebooks/09_cuda_kernels.ipynb #27ca5cee
+H100_SMS = 132                                             # streaming multiprocessors of an H100 SXM
+
+
+def cuda_quantize_x(backend: Backend, x, xq, xd, xs, warps_per_block: int = 8, run: bool = True) -> Launch:
+    "xq (n,) int8, xd (n/32,) float32, xs (n/32,) int32 = x (n,) float32 in blocks of 32 (as chapter 08's quantize_act)."
+    xp = backend.xp
+    _check_array(xp, x, "x", np.float32, (None,))
+    n = x.shape[0]
+    if n % 32 or n == 0:
+        raise ValueError(f"x must have a positive multiple of 32 values, got {n}")
+    _check_array(xp, xq, "xq", np.int8, (n,), align=16)
+    _check_array(xp, xd, "xd", np.float32, (n // 32,))
+    _check_array(xp, xs, "xs", np.int32, (n // 32,))
+    wpb = _check_threads(32 * _as_int32(warps_per_block, "warps_per_block"), "32 * warps_per_block") // 32
+    return _launch(backend, "quantize_q8_1", (-(-(n // 32) // wpb),), (32 * wpb,), (x, xq, xd, xs, _as_int32(n, "n")),
+                   run=run)
+
+
+def matvec_launch_shape(rows: int, n_sm: int = H100_SMS) -> tuple:
+    """(warps_per_block, rows_per_warp) for a quantized product with `rows` outputs.
+
+    A warp keeps 32 lanes x 4 loads x 16 B = 2 KiB in flight whatever its rows; an SM needs ~15 KB (Little's law).
+    rows_per_warp: the largest of 4, 2 that still leaves >= 12 warps per SM (24 KiB in flight), else 1: tall
+    matrices reuse each x load R times, small ones spread over as many SMs as possible.
+    warps_per_block: the largest of 8, 4, 2 that still makes >= 2 blocks per SM, else 1."""
+    rows = int(_as_int32(rows, "rows"))
+    if rows <= 0:
+        raise ValueError(f"rows must be positive, got {rows}")
+    rows_per_warp = next((r for r in (4, 2) if -(-rows // r) >= 12 * n_sm and r <= rows), 1)
+    n_warps = -(-rows // rows_per_warp)
+    return next((w for w in (8, 4, 2) if -(-n_warps // w) >= 2 * n_sm), 1), rows_per_warp
+
+
+def matvec_unroll(scheme: str, in_features: int, rows_per_warp: int) -> int:
+    "Units per lane and row in a pass: 4 / R, but no more slots of 32 units than a row has (a 576-wide Q4 row has 18 units)."
+    units = int(in_features) // (16 if scheme == "q8_0" else 32)
+    slots = -(-units // 32)
+    return min(4 // int(rows_per_warp), 1 << max(0, (slots - 1).bit_length()))
+
+
+def cuda_qmatvec_dp4a(backend: Backend, W: QuantMatrix, xq, xd, xs, y, residual=None,
+                      warps_per_block: Optional[int] = None, rows_per_warp: Optional[int] = None,
+                      run: bool = True, n_sm: int = H100_SMS) -> Launch:
+    "y = W x (+ residual, which may be y) with x as cuda_quantize_x left it; launch shape from matvec_launch_shape unless given."
+    xp = backend.xp
+    _check_matrix(xp, W)
+    n, nb = W.in_features, W.in_features // 32
+    _check_array(xp, xq, "xq", np.int8, (n,), align=16)
+    _check_array(xp, xd, "xd", np.float32, (nb,))
+    _check_array(xp, xs, "xs", np.int32, (nb,))
+    _check_array(xp, y, "y", np.float32, (W.rows,))
+    if residual is not None:
+        _check_array(xp, residual, "residual", np.float32, (W.rows,))
+    rule = matvec_launch_shape(W.rows, n_sm)
+    wpb = rule[0] if warps_per_block is None else int(_as_int32(warps_per_block, "warps_per_block"))
+    rpw = rule[1] if rows_per_warp is None else int(_as_int32(rows_per_warp, "rows_per_warp"))
+    if rpw not in (1, 2, 4) or rpw > W.rows:
+        raise ValueError(f"rows_per_warp must be 1, 2 or 4 and at most the matrix's {W.rows} rows, got {rpw}")
+    if not 1 <= wpb <= DP4A_MAX_THREADS // 32:
+        raise ValueError(f"warps_per_block must be in 1..{DP4A_MAX_THREADS // 32} (__launch_bounds__), got {wpb}")
+    name = f"qmatvec_dp4a_{W.scheme}_r{rpw}_u{matvec_unroll(W.scheme, n, rpw)}"
+    n_warps = -(-W.rows // rpw)
+    grid = (-(-n_warps // wpb),)
+    args = (W.quants, W.scales, xq, xd, xs, y, y if residual is None else residual, _as_int32(W.rows, "rows"),
+            _as_int32(n, "in_features"), np.int32(residual is not None))
+    return _launch(backend, name, grid, (32 * wpb,), args, run=run)
+
+# %% ../notebooks/09_cuda_kernels.ipynb #39a9870e
+DRAM_LATENCY = 600e-9        # s: an assumed round trip of a DRAM load on an H100 under load (~500-800 ns)
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
+_LOAD_BYTES = {".128": 16, ".64": 8, ".U16": 2, ".S16": 2, ".U8": 1, ".S8": 1}
+
+
+def _registers_in(operands: str) -> set:
+    regs = set()
+    for m in re.finditer(r"\bR(\d+)(\.64)?", operands):
+        regs |= {int(m.group(1)), int(m.group(1)) + 1} if m.group(2) else {int(m.group(1))}
+    return regs
+
+
+def load_waves(sass: str) -> tuple:
+    """(waves, carried) for the main (longest) loop of one kernel's SASS (cuobjdump -sass -fun NAME), in program order:
+    waves: the groups of global loads issued back to back (in flight together) that the lane then waits for, each
+    a list of load sizes in bytes; carried: the loads still in flight when the loop jumps back (for the next pass)."""
+    code = [(int(a, 16), op, ops) for a, op, ops in _SASS_LINE.findall(sass)]
+    loops = [(int(ops.split()[-1], 16), a) for a, op, ops in code if op == "BRA" and int(ops.split()[-1], 16) < a]
+    if not loops:
+        return [], []
+    start, end = max(loops, key=lambda loop: loop[1] - loop[0])
+    waves, wave, pending = [], [], []               # pending: [(registers, bytes)] of loads not yet read, in order
+    for a, op, ops in code:
+        if not start <= a <= end:
+            continue
+        dest, _, sources = ops.partition(",")
+        used = [k for k, (regs, _) in enumerate(pending) if regs & _registers_in(sources)]
+        if used:                                   # the lane waits here for that load (and those issued before it)
+            pending = pending[used[-1] + 1:]
+            if wave:
+                waves.append(wave)
+                wave = []
+        if op.startswith("LDG"):
+            size = next((b for suffix, b in _LOAD_BYTES.items() if suffix in op), 4)
+            first = int(re.match(r"\s*R(\d+)", dest).group(1))
+            pending.append((set(range(first, first + max(size // 4, 1))), size))
+            wave.append(size)
+    return waves, [size for _, size in pending]
+
+
+def matvec_model_inputs(sass: str, rows_per_warp: int = 1) -> tuple:
+    """(bytes in flight per lane, round trips per pass) of a product kernel, read from its loop's waves: loads
+    carried to the next pass overlap it (1 round trip); otherwise the lane waits for x, then for each row's weights."""
+    waves, carried = load_waves(sass)
+    if 16 in carried:
+        return sum(carried), 1
+    return sum(waves[1]), 1 + int(rows_per_warp)
+
+
+def predicted_bandwidth(warps_per_sm: float, bytes_per_lane: float, round_trips: float, peak: float,
+                        n_sm: int = H100_SMS, latency: float = DRAM_LATENCY) -> float:
+    "Bytes/s the model predicts: n_sm x warps x 32 lanes x bytes in flight per lane / (round trips x latency), at most peak."
+    return min(peak, n_sm * warps_per_sm * 32 * bytes_per_lane / (round_trips * latency))
+
 # %% ../notebooks/09_cuda_kernels.ipynb #ab06ade4
 KERNEL_SOURCES["rms_norm"] = r"""
 // out = x / sqrt(mean(x^2) + eps) * weight, rows of length n.  x, out: (n_rows, n); weight: (n,)
@@ -1007,6 +1329,148 @@ def cuda_attention(backend: Backend, qkv, cache_k, cache_v, pos, out, n_heads: i
     return _launch(backend, "attention_decode", (int(n_heads),), (32 * int(n_warps),),
                    (qkv, cache_k, cache_v, pos, out, n_heads, n_kv_heads, head_dim, max_seq_len,
                     np.float32(1 / math.sqrt(int(head_dim)))), shared_mem=shared, run=run)
+
+# %% ../notebooks/09_cuda_kernels.ipynb #c93de13d
+KERNEL_SOURCES["attention_split"] = r"""
+#define ATT_MAX_PER_LANE 8                                   // head_dim <= 256
+
+// Block (h, s): query head h over split s of positions 0..len-1 (len = *pos + 1, chunk = ceil(len / n_splits)).
+// partial (n_heads, n_splits, head_dim + 2) float32: o[head_dim] (not normalised) | m | l; an empty split writes
+// l = 0. Dynamic shared memory: n_warps * (head_dim + 2) floats.
+extern "C" __global__ void attention_split(const float* __restrict__ qkv, const float* __restrict__ cache_k,
+                                           const float* __restrict__ cache_v, const int* __restrict__ pos_ptr,
+                                           float* __restrict__ partial, int n_heads, int n_kv_heads, int head_dim,
+                                           int max_seq_len, int n_splits, float scale) {
+    extern __shared__ float smem[];
+    const int h = blockIdx.x, split = blockIdx.y;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+    const int len = min(*pos_ptr + 1, max_seq_len);
+    const int chunk = (len + n_splits - 1) / n_splits;
+    const int start = split * chunk, end = min(start + chunk, len);
+    float* part = partial + ((size_t)h * n_splits + split) * (head_dim + 2);
+    if (start >= end) {                                      // no positions here: l = 0, the merge skips it
+        for (int e = threadIdx.x; e < head_dim; e += blockDim.x) part[e] = 0.0f;
+        if (threadIdx.x == 0) { part[head_dim] = NEG_INF; part[head_dim + 1] = 0.0f; }
+        return;                                              // the whole block returns: no barrier is split
+    }
+    const int kv = h / (n_heads / n_kv_heads);
+    const float* q = qkv + (size_t)h * head_dim;
+    const float* K = cache_k + (size_t)kv * max_seq_len * head_dim;
+    const float* V = cache_v + (size_t)kv * max_seq_len * head_dim;
+    float qv[ATT_MAX_PER_LANE], o[ATT_MAX_PER_LANE];
+#pragma unroll
+    for (int k = 0; k < ATT_MAX_PER_LANE; ++k) {
+        const int e = lane + 32 * k;
+        qv[k] = e < head_dim ? q[e] * scale : 0.0f;
+        o[k] = 0.0f;
+    }
+    float m = NEG_INF, l = 0.0f;
+    // warp w takes positions start + w, start + w + n_warps, ... two at a time: independent loads and shuffles
+    for (int t0 = start + warp; t0 < end; t0 += 2 * n_warps) {
+        const bool two = t0 + n_warps < end;                 // the same for the whole warp
+        const int t1 = two ? t0 + n_warps : t0;
+        const float* k0 = K + (size_t)t0 * head_dim;
+        const float* k1 = K + (size_t)t1 * head_dim;
+        float s0 = 0.0f, s1 = 0.0f;
+#pragma unroll
+        for (int k = 0; k < ATT_MAX_PER_LANE; ++k) {
+            const int e = lane + 32 * k;
+            if (e < head_dim) { s0 += qv[k] * k0[e]; s1 += qv[k] * k1[e]; }
+        }
+        s0 = warp_sum(s0);
+        s1 = two ? warp_sum(s1) : NEG_INF;                   // one position left: its weight p1 is 0
+        const float m_new = fmaxf(m, fmaxf(s0, s1));
+        const float c = expf(m - m_new), p0 = expf(s0 - m_new), p1 = expf(s1 - m_new);   // exp(-inf) = 0
+        l = l * c + p0 + p1;
+        const float* v0 = V + (size_t)t0 * head_dim;
+        const float* v1 = V + (size_t)t1 * head_dim;
+#pragma unroll
+        for (int k = 0; k < ATT_MAX_PER_LANE; ++k) {
+            const int e = lane + 32 * k;
+            if (e < head_dim) o[k] = o[k] * c + p0 * v0[e] + p1 * v1[e];
+        }
+        m = m_new;
+    }
+    // merge the block's warps through shared memory (warp 0 saw a position; others may have l = 0)
+    float* wm = smem;
+    float* wl = smem + n_warps;
+    float* wo = smem + 2 * n_warps;
+    if (lane == 0) { wm[warp] = m; wl[warp] = l; }
+#pragma unroll
+    for (int k = 0; k < ATT_MAX_PER_LANE; ++k) {
+        const int e = lane + 32 * k;
+        if (e < head_dim) wo[warp * head_dim + e] = o[k];
+    }
+    __syncthreads();
+    float m_blk = NEG_INF;
+    for (int w = 0; w < n_warps; ++w)
+        if (wl[w] > 0.0f) m_blk = fmaxf(m_blk, wm[w]);
+    for (int e = threadIdx.x; e < head_dim; e += blockDim.x) {
+        float num = 0.0f;
+        for (int w = 0; w < n_warps; ++w)
+            if (wl[w] > 0.0f) num += expf(wm[w] - m_blk) * wo[w * head_dim + e];
+        part[e] = num;
+    }
+    if (threadIdx.x == 0) {
+        float den = 0.0f;
+        for (int w = 0; w < n_warps; ++w)
+            if (wl[w] > 0.0f) den += expf(wm[w] - m_blk) * wl[w];
+        part[head_dim] = m_blk;
+        part[head_dim + 1] = den;
+    }
+}
+
+// out (n_heads * head_dim,): each head's splits merged, skipping the empty ones (l = 0). Grid: n_heads blocks.
+extern "C" __global__ void attention_combine(const float* __restrict__ partial, float* __restrict__ out,
+                                             int head_dim, int n_splits) {
+    const int h = blockIdx.x, stride = head_dim + 2;
+    const float* part = partial + (size_t)h * n_splits * stride;
+    float M = NEG_INF;
+    for (int s = 0; s < n_splits; ++s)
+        if (part[s * stride + head_dim + 1] > 0.0f) M = fmaxf(M, part[s * stride + head_dim]);
+    for (int e = threadIdx.x; e < head_dim; e += blockDim.x) {
+        float num = 0.0f, den = 0.0f;
+        for (int s = 0; s < n_splits; ++s) {
+            const float* p = part + s * stride;
+            if (p[head_dim + 1] > 0.0f) {
+                const float f = expf(p[head_dim] - M);
+                num += f * p[e];
+                den += f * p[head_dim + 1];
+            }
+        }
+        out[(size_t)h * head_dim + e] = num / den;
+    }
+}
+"""
+
+
+def attention_n_splits(max_seq_len: int, n_heads: int, n_sm: int = H100_SMS, min_chunk: int = 64) -> int:
+    "Splits per head: about 2 blocks per SM over all heads, but >= min_chunk positions per split at full length."
+    return max(1, min(-(-2 * n_sm // int(n_heads)), int(max_seq_len) // min_chunk))
+
+
+def cuda_attention_split(backend: Backend, qkv, cache_k, cache_v, pos, partial, out, n_heads: int, n_kv_heads: int,
+                         head_dim: int, n_warps: int = 4, run: bool = True) -> list:
+    "Flash-decoding: out (n_heads·head_dim,) as cuda_attention, over n_splits = partial.shape[1] blocks per head."
+    xp = backend.xp
+    n_heads, n_kv_heads, head_dim = _check_heads(n_heads, n_kv_heads, head_dim)
+    _check_array(xp, qkv, "qkv", np.float32, (None,))
+    if qkv.shape[0] < int(n_heads) * int(head_dim):
+        raise ValueError(f"qkv has {qkv.shape[0]} values, fewer than n_heads * head_dim = {int(n_heads) * int(head_dim)}")
+    max_seq_len = _check_cache(xp, cache_k, cache_v, n_kv_heads, head_dim)
+    _check_array(xp, pos, "pos", np.int32, (1,))
+    _check_array(xp, partial, "partial", np.float32, (int(n_heads), None, int(head_dim) + 2))
+    n_splits = _as_int32(partial.shape[1], "n_splits")
+    if not 1 <= n_splits <= 65535:
+        raise ValueError(f"partial must have 1..65535 splits (grid y), got {n_splits}")
+    _check_array(xp, out, "out", np.float32, (int(n_heads) * int(head_dim),))
+    threads = _check_threads(32 * _as_int32(n_warps, "n_warps"), "32 * n_warps")
+    shared = 4 * (threads // 32) * (int(head_dim) + 2)
+    return [_launch(backend, "attention_split", (int(n_heads), int(n_splits)), (threads,),
+                    (qkv, cache_k, cache_v, pos, partial, n_heads, n_kv_heads, head_dim, max_seq_len, n_splits,
+                     np.float32(1 / math.sqrt(int(head_dim)))), shared_mem=shared, run=run),
+            _launch(backend, "attention_combine", (int(n_heads),), (min(256, -(-int(head_dim) // 32) * 32),),
+                    (partial, out, head_dim, n_splits), run=run)]
 
 # %% ../notebooks/09_cuda_kernels.ipynb #54dd557a
 KERNEL_SOURCES["elementwise"] = r"""
@@ -1222,16 +1686,24 @@ def random_quant_matrix(backend: Backend, rows: int, cols: int, scheme: str, rng
     return QuantMatrix(scheme, rows, cols, quants, scales)
 
 
+MATVECS = ("dp4a", "float")             # step 3 (int8 x, __dp4a) or step 2 (float x)
+ATTENTIONS = ("split", "single")        # flash-decoding or one block per head
+
+
 class CudaQuantModel:
-    "Chapter 08's quantized Transformer, decoded by this chapter's CUDA kernels (CuPy on a GPU, or the CPU emulator)."
-    def __init__(self, qmodel: Transformer, backend="cupy", warps_per_block: int = 4, rows_per_warp: int = 1,
-                 attention_warps: int = 4, use_graph: bool = False, max_seq_len: Optional[int] = None):
+    """Chapter 08's quantized Transformer, decoded by this chapter's CUDA kernels (CuPy on a GPU, or the CPU emulator).
+    matvec: 'dp4a' (step 3: x quantized to int8 as chapter 08's C step does) or 'float' (step 2: float32 x, equal to
+    chapter 08's dequantized products to float32 rounding); attention: 'split' (flash-decoding) or 'single'.
+    warps_per_block / rows_per_warp: the products' launch shape (None: step 3's rule, or 4 and 1 for step 2)."""
+    def __init__(self, qmodel: Transformer, backend="cupy", matvec: str = "dp4a", attention: str = "split",
+                 warps_per_block: Optional[int] = None, rows_per_warp: Optional[int] = None, attention_warps: int = 4,
+                 use_graph: bool = False, max_seq_len: Optional[int] = None):
         if not isinstance(qmodel, Transformer):
             raise TypeError(f"qmodel must be a course_lib Transformer, got {type(qmodel).__name__}")
         if getattr(qmodel, "quant_config", None) is None:
             raise ValueError("qmodel is not quantized: pass quantize_model(model, scheme)")
-        self._configure(qmodel.args, dict(qmodel.quant_config), backend, warps_per_block, rows_per_warp,
-                        attention_warps, use_graph, max_seq_len)
+        self._configure(qmodel.args, dict(qmodel.quant_config), backend, matvec, attention, warps_per_block,
+                        rows_per_warp, attention_warps, use_graph, max_seq_len)
         self._upload(qmodel)
         self._build()
 
@@ -1248,8 +1720,13 @@ class CudaQuantModel:
         self._build()
         return self
 
-    def _configure(self, args, quant_config, backend, warps_per_block=4, rows_per_warp=1, attention_warps=4,
-                   use_graph=False, max_seq_len=None):
+    def _configure(self, args, quant_config, backend, matvec="dp4a", attention="split", warps_per_block=None,
+                   rows_per_warp=None, attention_warps=4, use_graph=False, max_seq_len=None):
+        if matvec not in MATVECS:
+            raise ValueError(f"matvec must be one of {MATVECS}, got {matvec!r}")
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+        self.matvec, self.attention = matvec, attention
         self.backend = backend if isinstance(backend, Backend) else get_backend(backend)
         if self.backend is None:
             raise RuntimeError(f"no backend can run the kernels here: {backend_status()}")
@@ -1261,7 +1738,11 @@ class CudaQuantModel:
             self.args = replace(args, max_seq_len=max_seq_len)
         self.quant_config = quant_config
         self.use_graph, self._graph = use_graph, None
-        self._launch_shape = _check_launch_shape(warps_per_block, rows_per_warp)
+        if matvec == "float":
+            self._launch_shape = _check_launch_shape(4 if warps_per_block is None else warps_per_block,
+                                                     1 if rows_per_warp is None else rows_per_warp)
+        else:                                           # checked by cuda_qmatvec_dp4a when the step is built
+            self._launch_shape = (warps_per_block, rows_per_warp)
         self._attention_warps = attention_warps
         self.device = torch.device("cuda") if self.backend.name == "cupy" and torch.cuda.is_available() \
             else torch.device("cpu")
@@ -1330,28 +1811,50 @@ class CudaQuantModel:
         for layer in self.layers:
             layer["cache_k"] = empty(b, (a.n_kv_heads, a.max_seq_len, hd))
             layer["cache_v"] = empty(b, (a.n_kv_heads, a.max_seq_len, hd))
+        # step 3: each product's input quantized to int8 blocks, one buffer set per input size
+        self.x8 = {n: (empty(b, (n,), np.int8), empty(b, (n // 32,)), empty(b, (n // 32,), np.int32))
+                   for n in {a.dim, a.n_heads * hd, hidden}}
+        n_splits = attention_n_splits(a.max_seq_len, a.n_heads, self.backend.sm_count)
+        self.partial = empty(b, (a.n_heads, n_splits, hd + 2))                 # flash-decoding's per-split states
+
+    def _product(self, W: QuantMatrix, x, y, residual=None) -> list:
+        "The launches of y = W x (+ residual): step 3 quantizes x first, step 2 reads it as float32."
+        b, (wpb, rpw) = self.backend, self._launch_shape
+        if self.matvec == "float":
+            return [cuda_qmatvec(b, W, x, y, residual, warps_per_block=wpb, rows_per_warp=rpw, run=False)]
+        xq, xd, xs = self.x8[W.in_features]
+        return [cuda_quantize_x(b, x, xq, xd, xs, run=False),
+                cuda_qmatvec_dp4a(b, W, xq, xd, xs, y, residual, warps_per_block=wpb, rows_per_warp=rpw,
+                                  run=False, n_sm=b.sm_count)]
+
+    def _attend(self, L: dict) -> list:
+        b, a = self.backend, self.args
+        heads = (a.n_heads, a.n_kv_heads, a.head_dim)
+        if self.attention == "single":
+            return [cuda_attention(b, self.qkv, L["cache_k"], L["cache_v"], self.pos, self.att, *heads,
+                                   n_warps=self._attention_warps, run=False)]
+        return cuda_attention_split(b, self.qkv, L["cache_k"], L["cache_v"], self.pos, self.partial, self.att, *heads,
+                                    n_warps=self._attention_warps, run=False)
 
     def _build_step(self, with_output: bool) -> list:
         "The decode step as checked launches: token[0] at position pos[0] -> logits (when with_output)."
-        b, a, (wpb, rpw), eps = self.backend, self.args, self._launch_shape, self.args.norm_eps
-        mv = dict(warps_per_block=wpb, rows_per_warp=rpw, run=False)
+        b, a, eps = self.backend, self.args, self.args.norm_eps
         heads = (a.n_heads, a.n_kv_heads, a.head_dim)
         step = [cuda_embedding(b, self.embedding, self.token, self.x, run=False)]
         for L in self.layers:
             step += [cuda_rms_norm(b, self.x, L["attention_norm"], self.h, eps, run=False),
-                     cuda_qmatvec(b, L["wqkv"], self.h, self.qkv, **mv),
+                     *self._product(L["wqkv"], self.h, self.qkv),
                      cuda_rope_kv_cache(b, self.qkv, self.rope_cos, self.rope_sin, self.pos, L["cache_k"],
                                         L["cache_v"], *heads, run=False),
-                     cuda_attention(b, self.qkv, L["cache_k"], L["cache_v"], self.pos, self.att, *heads,
-                                    n_warps=self._attention_warps, run=False),
-                     cuda_qmatvec(b, L["wo"], self.att, self.x, residual=self.x, **mv),      # x += Wo a
+                     *self._attend(L),
+                     *self._product(L["wo"], self.att, self.x, residual=self.x),             # x += Wo a
                      cuda_rms_norm(b, self.x, L["ffn_norm"], self.h, eps, run=False),
-                     cuda_qmatvec(b, L["w13"], self.h, self.h13, **mv),
+                     *self._product(L["w13"], self.h, self.h13),
                      cuda_swiglu(b, self.h13, self.g, run=False),
-                     cuda_qmatvec(b, L["w2"], self.g, self.x, residual=self.x, **mv)]        # x += W2 g
+                     *self._product(L["w2"], self.g, self.x, residual=self.x)]               # x += W2 g
         if with_output:
             step += [cuda_rms_norm(b, self.x, self.norm, self.h, eps, run=False),
-                     cuda_qmatvec(b, self.output, self.h, self.logits, **mv)]
+                     *self._product(self.output, self.h, self.logits)]
         return step
 
     @property
@@ -1496,8 +1999,8 @@ def load_benchmarks(folder=None) -> list:
     return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
 
 
-def plot_roofline(results: list = (), ax=None):
-    "The memory and compute roofs of the H100 and H200, the matvec intensities, and measured points if given."
+def plot_roofline(results: list = (), ax=None, predictions: list = ()):
+    "The roofs of the H100 and H200, the matvec intensities, measured points (results) and predicted ones (hollow)."
     import matplotlib.pyplot as plt
     ax = ax or plt.subplots(figsize=(7, 4))[1]
     intensity = np.logspace(-1, 3, 200)
@@ -1512,11 +2015,16 @@ def plot_roofline(results: list = (), ax=None):
             if k.get("flops_per_s") and k.get("intensity"):
                 ax.loglog(k["intensity"], k["flops_per_s"] / 1e12, "o", ms=4)
                 ax.annotate(k["name"], (k["intensity"], k["flops_per_s"] / 1e12), fontsize=7)
+    for p in predictions:                        # {"name", "intensity", "flops_per_s"} from the model, not measured
+        ax.loglog(p["intensity"], p["flops_per_s"] / 1e12, "o", ms=6, mfc="none")
+        ax.annotate(p["name"] + " (predicted)", (p["intensity"], p["flops_per_s"] / 1e12), fontsize=7,
+                    xytext=(4, -10), textcoords="offset points")
     ax.set_xlabel("arithmetic intensity (FLOP / byte)")
     ax.set_ylabel("TFLOP/s")
     ax.set_ylim(0.01, 200)
     measured = ", measured: " + ", ".join(r.get("gpu", "?") for r in results) if results else \
-        " (theoretical; measured points come from benchmarks/cuda_decode.py on a GPU)"
+        " (no GPU measurements yet: benchmarks/cuda_decode.py adds them)"
+    measured += "; hollow points: the model's predictions" if predictions else ""
     ax.set_title("Roofline" + measured, fontsize=9)
     ax.legend(fontsize=8, loc="upper left")
     return ax

@@ -20,7 +20,7 @@ from course_lib.cuda import (CudaQuantModel, KERNEL_SOURCES, QuantMatrix, check_
                              to_device, to_host, tokens_per_second_bound, unpack_blocks, upload_matrix)
 from course_lib.generation import generate_tokens
 from course_lib.model import PRESETS, ModelArgs, Transformer
-from course_lib.quantization import block_bytes, dequantize, quantize, quantize_model
+from course_lib.quantization import CCompilerError, FastQuantModel, block_bytes, dequantize, quantize, quantize_model
 from course_lib.rope import precompute_freqs_cis
 
 SCHEMES = ("q8_0", "q4_0", "q4_1")
@@ -380,10 +380,13 @@ def tiny_quantized(scheme, seed=0, output_scheme="q8_0"):
     return quantize_model(model, scheme, output_scheme=output_scheme, backend="dequant")
 
 
-@pytest.mark.parametrize("scheme,output_scheme,n_tokens", [("q4_0", "q8_0", 16), ("q8_0", "q8_0", 8), ("q4_1", "q4_1", 8)])
-def test_emulated_decode_matches_chapter_08(backend, scheme, output_scheme, n_tokens):
+@pytest.mark.parametrize("scheme,output_scheme,n_tokens,attention", [("q4_0", "q8_0", 16, "split"),
+                         ("q8_0", "q8_0", 8, "single"), ("q4_1", "q4_1", 8, "split")])
+def test_emulated_decode_matches_chapter_08(backend, scheme, output_scheme, n_tokens, attention):
+    "Step 2's float products against chapter 08's dequantized float32 path: the same numbers to float32 rounding."
     reference = tiny_quantized(scheme, output_scheme=output_scheme)
-    model = CudaQuantModel(copy.deepcopy(reference), backend=backend, rows_per_warp=2, warps_per_block=2)
+    model = CudaQuantModel(copy.deepcopy(reference), backend=backend, matvec="float", attention=attention,
+                           rows_per_warp=2, warps_per_block=2)
     prompt = [5, 17, 42, 8, 91, 3]
     with torch.no_grad():
         expected = reference(torch.tensor([prompt]), 0)
@@ -401,11 +404,31 @@ def test_emulated_decode_matches_chapter_08(backend, scheme, output_scheme, n_to
     assert (model(torch.tensor([ref_tokens[:1]]), len(prompt)).cpu() - step_ref).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("scheme,output_scheme", [("q4_0", "q8_0"), ("q4_1", "q8_0"), ("q8_0", "q8_0")])
+def test_dp4a_decode_matches_chapter_08s_c_step(backend, scheme, output_scheme):
+    "Step 3 quantizes x to int8 as chapter 08's C step does: the same greedy tokens, logits to float32 rounding."
+    reference = tiny_quantized(scheme, output_scheme=output_scheme)
+    try:
+        c_step = FastQuantModel(copy.deepcopy(reference), kernel="c")
+    except CCompilerError as e:
+        pytest.skip(f"chapter 08's C step does not compile here: {e}")
+    model = CudaQuantModel(copy.deepcopy(reference), backend=backend)          # defaults: dp4a, split attention
+    assert (model.matvec, model.attention) == ("dp4a", "split")
+    prompt = [5, 17, 42, 8, 91, 3]
+    with torch.no_grad():
+        expected = c_step(torch.tensor([prompt]), 0)
+    got = model(torch.tensor([prompt]), 0).cpu()
+    assert (got - expected).abs().max() < 1e-3 * expected.abs().max()
+    assert model.generate_greedy(prompt, 16) == list(generate_tokens(c_step, prompt, 16))
+
+
 def test_emulated_model_interface_and_errors(backend):
     reference = tiny_quantized("q4_0")
     model = CudaQuantModel(copy.deepcopy(reference), backend=backend, max_seq_len=16)
     assert model.args.max_seq_len == 16 and isinstance(model.device, torch.device)
-    assert model.n_launches == 1 + 9 * 2 + 2 + 3
+    # embedding; per layer 2 norms, rope, swiglu, 4 products (quantize x + dp4a) and attention (split + merge);
+    # final norm, output product (2); argmax (2) and the position's advance
+    assert model.n_launches == 1 + 14 * 2 + 3 + 3
     assert model.weight_bytes() == sum(m.nbytes for L in model.layers for m in (L["wqkv"], L["wo"], L["w13"], L["w2"])) \
         + model.embedding.nbytes + model.output.nbytes + 4 * 64 * 5
     with pytest.raises(ValueError, match="start_pos must be an int in 0..0"):
@@ -458,6 +481,10 @@ def test_model_construction_errors():
     with pytest.raises(ValueError, match="tok_embeddings is a Embedding, not a quantized module"):
         CudaQuantModel(no_output, backend=get_backend("emulator") if EMU_OK else NoLaunch())
     quantized = quantize_model(copy.deepcopy(float_model), "q4_0", backend="dequant")
+    with pytest.raises(ValueError, match=r"matvec must be one of \('dp4a', 'float'\), got 'int4'"):
+        CudaQuantModel(quantized, backend=NoLaunch(), matvec="int4")
+    with pytest.raises(ValueError, match=r"attention must be one of \('split', 'single'\), got 'paged'"):
+        CudaQuantModel(quantized, backend=NoLaunch(), attention="paged")
     if not GPU_OK:
         with pytest.raises(RuntimeError, match="needs an NVIDIA GPU with CuPy"):
             CudaQuantModel(quantized)
@@ -478,7 +505,7 @@ def test_gpu_available_without_cupy(monkeypatch):
 
 def kernel_names(source: str) -> set:
     import re
-    return set(re.findall(r'extern "C" __global__ void (\w+)\(', source))
+    return set(re.findall(r'extern "C" __global__ void (?:__launch_bounds__\([^)]*\)\s*)?(\w+)\(', source))
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
