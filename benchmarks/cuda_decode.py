@@ -48,7 +48,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from course_lib.cuda import (CudaQuantModel, backend_status, cuda_argmax,  # noqa: E402
+from course_lib.cuda import (CudaQuantModel, backend_status, cuda_argmax, cuda_qmatvec_dp4a,  # noqa: E402
+                             cuda_quantize_x, matvec_launch_shape, cuda_attention_split, attention_n_splits,
                              cuda_attention, cuda_embedding, cuda_qmatvec, cuda_rms_norm, cuda_rope_kv_cache,
                              cuda_swiglu, decode_bytes_per_token, empty, format_benchmark, get_backend, peak_bandwidth,
                              plot_roofline, random_quant_matrix, random_state, to_device, tokens_per_second_bound)
@@ -317,6 +318,28 @@ def qmatvec_variant(scheme: str, kernel: Optional[str] = None, source: Optional[
     return build
 
 
+def dp4a_variant(scheme: str):
+    "Step 3: x quantized to int8 blocks (quantize_q8_1), then the __dp4a product; both launches timed, as in decode."
+    def build(bench: Bench, out_f: int, in_f: int) -> MatvecCase:
+        b = bench.backend
+        x = to_device(b, np.random.default_rng(0).standard_normal(in_f).astype(np.float32))
+        xq, xd, xs = empty(b, (in_f,), np.int8), empty(b, (in_f // 32,)), empty(b, (in_f // 32,), np.int32)
+        y = empty(b, (out_f,))
+        rng = random_state(b, 0)
+        quantize = cuda_quantize_x(b, x, xq, xd, xs, run=False)
+
+        def launch(W, cfg):
+            product = cuda_qmatvec_dp4a(b, W, xq, xd, xs, y, run=False, n_sm=b.sm_count, **cfg)
+            return lambda: (quantize(), product())
+        rule = matvec_launch_shape(out_f, b.sm_count)
+        configs = [{}] + [{"warps_per_block": w, "rows_per_warp": r} for w, r in bench.configs
+                          if r in (1, 2, 4) and r <= out_f and w <= 8 and (w, r) != rule]
+        return MatvecCase(new_copy=lambda: random_quant_matrix(b, out_f, in_f, scheme, rng), launch=launch,
+                          io_bytes=4 * (in_f + out_f) + in_f + 8 * (in_f // 32), kernel_name=f"qmatvec_dp4a_{scheme}",
+                          configs=configs, name=f"{scheme} dp4a")
+    return build
+
+
 def torch_f16_matvec(bench: Bench, out_f: int, in_f: int) -> Optional[MatvecCase]:
     "PyTorch's float16 F.linear: cuBLAS on the GPU (the emulator run uses the CPU's, only to run this code)."
     dev = bench.torch_device
@@ -333,6 +356,9 @@ MATVEC_VARIANTS = [
     ("q8_0", qmatvec_variant("q8_0")),
     ("q4_0", qmatvec_variant("q4_0")),
     ("q4_1", qmatvec_variant("q4_1")),
+    ("q8_0 dp4a", dp4a_variant("q8_0")),
+    ("q4_0 dp4a", dp4a_variant("q4_0")),
+    ("q4_1 dp4a", dp4a_variant("q4_1")),
     ("f16 (cuBLAS)", torch_f16_matvec),
 ]
 
@@ -393,7 +419,7 @@ def _version(v: int) -> str:
 
 
 def bench_small_kernels(bench: Bench, args: ModelArgs, cache_lens) -> list:
-    "RMSNorm, RoPE + cache write, attention at several cache lengths, SwiGLU, embedding row, argmax (7B shapes)."
+    "RMSNorm, RoPE + cache write, attention (one block per head, and split) at several cache lengths, SwiGLU, embedding row, argmax (7B shapes)."
     b, hd, out = bench.backend, args.head_dim, []
     d, hidden, n_h, n_kv = args.dim, args.ffn_hidden_dim, args.n_heads, args.n_kv_heads
     rng = np.random.default_rng(1)
@@ -408,9 +434,13 @@ def bench_small_kernels(bench: Bench, args: ModelArgs, cache_lens) -> list:
     out.append(("rope_kv_cache", cuda_rope_kv_cache(b, qkv, cos, sin, pos, cache_k, cache_v, n_h, n_kv, hd, run=False),
                 4 * (qkv.size * 2 + hd * (n_h + n_kv))))
     att = empty(b, (n_h * hd,))
+    partial = empty(b, (n_h, attention_n_splits(max_seq, n_h, b.sm_count), hd + 2))     # flash-decoding's splits
     for length in cache_lens:
         p = to_device(b, np.array([length - 1], np.int32))
         out.append((f"attention len={length}", cuda_attention(b, qkv, cache_k, cache_v, p, att, n_h, n_kv, hd, run=False),
+                    4 * (2 * n_kv * length * hd + 2 * n_h * hd)))
+        split = cuda_attention_split(b, qkv, cache_k, cache_v, p, partial, att, n_h, n_kv, hd, run=False)
+        out.append((f"attention split len={length}", lambda split=split: [l() for l in split],
                     4 * (2 * n_kv * length * hd + 2 * n_h * hd)))
     h13, g = vec(2 * hidden), empty(b, (hidden,))
     out.append(("swiglu", cuda_swiglu(b, h13, g, run=False), 12 * hidden))
@@ -445,6 +475,11 @@ def decode_row(bench: Bench, name: str, tokens_per_s: float, step_weight_bytes: 
             "l2_note": step_l2_note(step_weight_bytes, bench.l2)}
 
 
+# chapter 09's decode steps: (name, CudaQuantModel options, the chapter 08 path it must equal)
+STEPS = [("step 2", dict(matvec="float", attention="single"), "dequant"),
+         ("step 3", dict(matvec="dp4a", attention="split"), "C step")]
+
+
 def bench_smollm2(bench: Bench, n_gpu, n_cpu, check_tokens) -> tuple:
     from course_lib.generation import generate_tokens
     from course_lib.gguf_tokenizer import load_smollm2
@@ -459,17 +494,20 @@ def bench_smollm2(bench: Bench, n_gpu, n_cpu, check_tokens) -> tuple:
         bound = tokens_per_second_bound(decode_bytes_per_token(a, scheme, "q8_0", kv_len=len(prompt) + n_gpu), peak) \
             if peak else None
         step_bytes = decode_bytes_per_token(a, scheme, "q8_0")           # weights only, no KV cache
-        for graph in (False, True):
-            gpu = CudaQuantModel(copy.deepcopy(reference), backend=backend, use_graph=graph)
-            tps = decode_speed(lambda n: gpu.generate_greedy(prompt, n), n_gpu)
-            rows.append(decode_row(bench, f"SmolLM2 {scheme} CUDA{' graph' if graph else ''}", tps, step_bytes,
-                                   bound, launches_per_token=gpu.n_launches))
-            if graph and check_tokens:
-                equal[scheme] = {}
-                for text in ("The capital of France is", "Once upon a time,", "def fibonacci(n):"):
-                    ids = tok.encode(text)
-                    equal[scheme][text] = gpu.generate_greedy(ids, check_tokens) == list(generate_tokens(reference, ids, check_tokens))
-            del gpu
+        c_step = FastQuantModel(copy.deepcopy(reference), kernel="c")      # step 3's reference: the same int8 x
+        for step, options, same_as in STEPS:
+            for graph in (False, True):
+                gpu = CudaQuantModel(copy.deepcopy(reference), backend=backend, use_graph=graph, **options)
+                tps = decode_speed(lambda n: gpu.generate_greedy(prompt, n), n_gpu)
+                rows.append(decode_row(bench, f"SmolLM2 {scheme} CUDA {step}{' graph' if graph else ''}", tps,
+                                       step_bytes, bound, launches_per_token=gpu.n_launches))
+                if graph and check_tokens:
+                    ref = reference if same_as == "dequant" else c_step
+                    equal.setdefault(scheme, {})[step] = {text: gpu.generate_greedy(tok.encode(text), check_tokens)
+                                                          == list(generate_tokens(ref, tok.encode(text), check_tokens))
+                                                          for text in ("The capital of France is", "Once upon a time,",
+                                                                       "def fibonacci(n):")}
+                del gpu
         if scheme == "q4_1":                                     # the course's fastest CPU path
             fast = FastQuantModel(quantize_model(copy.deepcopy(model), "q4_1"))
             tps = decode_speed(lambda n: list(generate_tokens(fast, prompt, n)), n_cpu)
@@ -517,12 +555,15 @@ def bench_random_model(bench: Bench, args: ModelArgs, label: str, n_tokens: int,
         bound = tokens_per_second_bound(decode_bytes_per_token(args, scheme, kv_len=len(prompt) + n_tokens), peak) \
             if peak else None
         step_bytes = decode_bytes_per_token(args, scheme)                  # weights only, no KV cache
-        for graph in graphs:
-            m = CudaQuantModel.random(args, scheme, output_scheme=scheme, backend=bench.backend, use_graph=graph)
-            tps = decode_speed(lambda n: m.generate_greedy(prompt, n), n_tokens)
-            rows.append(decode_row(bench, f"{label} {scheme} CUDA{' graph' if graph else ''}", tps, step_bytes, bound))
-            del m
-            bench.release()
+        for step, options, _ in STEPS:
+            for graph in graphs:
+                m = CudaQuantModel.random(args, scheme, output_scheme=scheme, backend=bench.backend, use_graph=graph,
+                                          **options)
+                tps = decode_speed(lambda n: m.generate_greedy(prompt, n), n_tokens)
+                rows.append(decode_row(bench, f"{label} {scheme} CUDA {step}{' graph' if graph else ''}", tps,
+                                       step_bytes, bound))
+                del m
+                bench.release()
     if bench.torch_device == "cuda":
         step = torch_f16_decoder(args, args.max_seq_len)
         def run(n):

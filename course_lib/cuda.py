@@ -10,11 +10,11 @@ __all__ = ['GPU_PEAK_BANDWIDTH', 'CUPY_ADDED_OPTIONS', 'SM_LIMITS', 'BLOCK_SHARE
            'emulated_resources', 'emulator_backend', 'get_backend', 'backend_status', 'Launch', 'empty', 'to_device',
            'to_host', 'cuda_qmatvec_plain', 'repack_blocks', 'unpack_blocks', 'QuantMatrix', 'upload_matrix',
            'cuda_qmatvec', 'cuda_quantize_x', 'matvec_launch_shape', 'matvec_unroll', 'cuda_qmatvec_dp4a', 'load_waves',
-           'matvec_model_inputs', 'predicted_bandwidth', 'cuda_rms_norm', 'cuda_rope_kv_cache', 'cuda_attention',
-           'attention_n_splits', 'cuda_attention_split', 'cuda_swiglu', 'cuda_add', 'cuda_embedding', 'cuda_argmax',
-           'cuda_advance_pos', 'random_state', 'random_quant_matrix', 'CudaQuantModel', 'nvcc_path', 'compile_ptx',
-           'ptx_entries', 'load_benchmarks', 'plot_roofline', 'format_benchmark', 'exercise_source',
-           'check_qmatvec_q4_1', 'check_qmatvec_swiglu']
+           'show_loads', 'matvec_model_inputs', 'predicted_bandwidth', 'product_plan', 'predict_product',
+           'cuda_rms_norm', 'cuda_rope_kv_cache', 'cuda_attention', 'attention_n_splits', 'cuda_attention_split',
+           'cuda_swiglu', 'cuda_add', 'cuda_embedding', 'cuda_argmax', 'cuda_advance_pos', 'random_state',
+           'random_quant_matrix', 'CudaQuantModel', 'nvcc_path', 'compile_ptx', 'ptx_entries', 'load_benchmarks',
+           'plot_roofline', 'format_benchmark', 'exercise_source', 'check_qmatvec_q4_1', 'check_qmatvec_swiglu']
 
 # %% ../notebooks/09_cuda_kernels.ipynb #dcb29220
 import ctypes
@@ -1089,46 +1089,77 @@ def _registers_in(operands: str) -> set:
 
 
 def load_waves(sass: str) -> tuple:
-    """(waves, carried) for the main (longest) loop of one kernel's SASS (cuobjdump -sass -fun NAME), in program order:
-    waves: the groups of global loads issued back to back (in flight together) that the lane then waits for, each
-    a list of load sizes in bytes; carried: the loads still in flight when the loop jumps back (for the next pass)."""
+    """(waves, carried) for the main (longest) loop of one kernel's SASS (cuobjdump -sass -fun NAME), in program order.
+    A load is (bytes, streamed): streamed loads skip L1 (.NA: our weights). waves: the groups of global loads issued
+    back to back (in flight together) before the lane waits for one of them; carried: the loads this pass never
+    reads, still in flight when the loop jumps back (issued for the next pass)."""
     code = [(int(a, 16), op, ops) for a, op, ops in _SASS_LINE.findall(sass)]
     loops = [(int(ops.split()[-1], 16), a) for a, op, ops in code if op == "BRA" and int(ops.split()[-1], 16) < a]
     if not loops:
         return [], []
     start, end = max(loops, key=lambda loop: loop[1] - loop[0])
-    waves, wave, pending = [], [], []               # pending: [(registers, bytes)] of loads not yet read, in order
+    waves, wave, pending = [], [], []               # pending: [(registers, load)] of loads not yet read
     for a, op, ops in code:
         if not start <= a <= end:
             continue
         dest, _, sources = ops.partition(",")
-        used = [k for k, (regs, _) in enumerate(pending) if regs & _registers_in(sources)]
-        if used:                                   # the lane waits here for that load (and those issued before it)
-            pending = pending[used[-1] + 1:]
+        read = _registers_in(sources)
+        if any(regs & read for regs, _ in pending):  # the lane waits here for the loads it reads (the others fly on)
+            pending = [(regs, load) for regs, load in pending if not regs & read]
             if wave:
                 waves.append(wave)
                 wave = []
         if op.startswith("LDG"):
             size = next((b for suffix, b in _LOAD_BYTES.items() if suffix in op), 4)
             first = int(re.match(r"\s*R(\d+)", dest).group(1))
-            pending.append((set(range(first, first + max(size // 4, 1))), size))
-            wave.append(size)
-    return waves, [size for _, size in pending]
+            pending.append((set(range(first, first + max(size // 4, 1))), (size, ".NA" in op)))
+            wave.append((size, ".NA" in op))
+    return waves, [load for _, load in pending]
+
+
+def show_loads(loads: list) -> str:
+    "'16+16w+2': bytes per load, w for streamed (weight) loads."
+    return "+".join(f"{size}{'w' if streamed else ''}" for size, streamed in loads) or "-"
 
 
 def matvec_model_inputs(sass: str, rows_per_warp: int = 1) -> tuple:
-    """(bytes in flight per lane, round trips per pass) of a product kernel, read from its loop's waves: loads
-    carried to the next pass overlap it (1 round trip); otherwise the lane waits for x, then for each row's weights."""
+    """(bytes in flight per lane, round trips per pass) of a product kernel, from its loop's loads. Step 3 marks its
+    weight loads (streamed, .NA): the group that issues them, with the scales beside them, is what a lane has in flight,
+    one round trip per pass. Step 2's lane waits for x, then for each of its rows' weights and scale in turn."""
     waves, carried = load_waves(sass)
-    if 16 in carried:
-        return sum(carried), 1
-    return sum(waves[1]), 1 + int(rows_per_warp)
+    groups = [g for g in waves + [carried] if any(streamed for _, streamed in g)]
+    if groups:
+        weights = max(groups, key=lambda g: sum(streamed for _, streamed in g))
+        return sum(size for size, streamed in weights if streamed or size < 16), len(groups)
+    return sum(size for size, _ in waves[1]), 1 + int(rows_per_warp)
 
 
 def predicted_bandwidth(warps_per_sm: float, bytes_per_lane: float, round_trips: float, peak: float,
                         n_sm: int = H100_SMS, latency: float = DRAM_LATENCY) -> float:
     "Bytes/s the model predicts: n_sm x warps x 32 lanes x bytes in flight per lane / (round trips x latency), at most peak."
     return min(peak, n_sm * warps_per_sm * 32 * bytes_per_lane / (round_trips * latency))
+
+
+def product_plan(step: int, scheme: str, rows: int, cols: int, n_sm: int = H100_SMS) -> tuple:
+    "(kernel, threads per block, warps in the grid) of one product, as CudaQuantModel launches it in step 2 or 3."
+    if step == 2:
+        return f"qmatvec_{scheme}", 128, rows
+    wpb, rpw = matvec_launch_shape(rows, n_sm)
+    return f"qmatvec_dp4a_{scheme}_r{rpw}_u{matvec_unroll(scheme, cols, rpw)}", 32 * wpb, -(-rows // rpw)
+
+
+def predict_product(step: int, scheme: str, rows: int, cols: int, gpu: str = "H100", cubin: Optional[bytes] = None) -> dict:
+    "The model's prediction for one (rows, cols) product in step 2 or 3, from the sm_90 machine code NVRTC makes."
+    cubin = nvrtc_compile(decode_source(), "sm_90") if cubin is None else cubin
+    name, threads, grid_warps = product_plan(step, scheme, rows, cols)
+    res = kernel_resources(cubin, "sm_90")[name]
+    warps = min(occupancy(res, threads), grid_warps / H100_SMS)
+    per_lane, trips = matvec_model_inputs(cuobjdump(cubin, "-sass", "-fun", name))
+    peak = GPU_PEAK_BANDWIDTH[gpu]
+    bandwidth = predicted_bandwidth(warps, per_lane, trips, peak)
+    return dict(step=step, kernel=name, registers=res.registers, warps_per_sm=warps, bytes_per_lane=per_lane,
+                round_trips=trips, bandwidth=bandwidth, fraction=bandwidth / peak,
+                seconds=matrix_bytes(rows, cols, scheme) / bandwidth)
 
 # %% ../notebooks/09_cuda_kernels.ipynb #ab06ade4
 KERNEL_SOURCES["rms_norm"] = r"""

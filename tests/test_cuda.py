@@ -636,11 +636,16 @@ def test_checkers_explain_themselves_without_a_backend(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not GPU_OK, reason=f"needs an NVIDIA GPU with CuPy: {GPU_WHY}")
 @pytest.mark.parametrize("use_graph", [False, True])
-def test_smollm2_greedy_matches_the_cpu_quantized_path(use_graph):
+@pytest.mark.parametrize("matvec", ["float", "dp4a"])
+def test_smollm2_greedy_matches_the_cpu_quantized_path(use_graph, matvec):
+    "Step 2 follows chapter 08's dequantized path, step 3 its C step (the same int8 activations): 32 greedy tokens."
     from course_lib.gguf_tokenizer import load_smollm2
     model, tokenizer = load_smollm2(max_seq_len=128)
     reference = quantize_model(copy.deepcopy(model), "q4_0", backend="dequant")
-    gpu = CudaQuantModel(copy.deepcopy(reference), backend="cupy", use_graph=use_graph)
+    if matvec == "dp4a":
+        reference = FastQuantModel(reference, kernel="c")
+    gpu = CudaQuantModel(copy.deepcopy(quantize_model(copy.deepcopy(model), "q4_0", backend="dequant")), backend="cupy",
+                         matvec=matvec, use_graph=use_graph)
     assert gpu.device == torch.device("cuda") or not torch.cuda.is_available()
     for prompt in ("The capital of France is", "Once upon a time,", "def fibonacci(n):"):
         ids = tokenizer.encode(prompt)

@@ -104,3 +104,21 @@ def test_register_and_occupancy_arithmetic():
     assert occupancy(KernelResources(32, 0, 0, 0), 128) == 64          # not limited by registers
     assert occupancy(KernelResources(16, 40 * 1024, 0, 0), 256) == 40  # 5 blocks by shared memory (228 KiB)
     assert max_threads_per_block(79) == 800 and max_threads_per_block(64) == 1024 and max_threads_per_block(255) == 256
+
+
+@needs_nvrtc
+@needs_cuobjdump
+def test_the_machine_code_gives_the_bandwidth_models_inputs(cubins):
+    "Step 2 waits for x, then for 18 bytes of weights; step 3 keeps 4 x 16 weight bytes (+ scales) in flight a pass."
+    from course_lib.cuda import cuobjdump, load_waves, matvec_model_inputs, predict_product
+    sass = lambda name: cuobjdump(cubins["sm_90"], "-sass", "-fun", name)
+    waves, carried = load_waves(sass("qmatvec_q4_0"))
+    assert waves[0] == [(16, False)] * 8 and waves[1] == [(16, False), (2, False)] and carried == []
+    assert matvec_model_inputs(sass("qmatvec_q4_0")) == (18, 2)
+    for name in ("qmatvec_dp4a_q4_0_r2_u2", "qmatvec_dp4a_q4_0_r4_u1", "qmatvec_dp4a_q8_0_r4_u1", "qmatvec_dp4a_q4_1_r2_u2"):
+        per_lane, trips = matvec_model_inputs(sass(name))
+        assert trips == 1 and per_lane >= 4 * 16 + 4 * 2, name
+    step2 = predict_product(2, "q4_0", 4096, 11008, cubin=cubins["sm_90"])
+    step3 = predict_product(3, "q4_0", 4096, 11008, cubin=cubins["sm_90"])
+    assert step2["registers"] == 79 and step2["warps_per_sm"] == 24 and step3["registers"] <= 64
+    assert step3["fraction"] >= 0.7 > step2["fraction"]                     # the target, as predicted
