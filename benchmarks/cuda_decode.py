@@ -615,40 +615,6 @@ def figures(result: dict, out_dir: Path, stem: str) -> list:
     return paths
 
 
-def _pct(fraction) -> str:
-    return f"{100 * fraction:6.1f}%" if fraction else "      -"
-
-
-def format_tables(result: dict) -> str:
-    "format_benchmark's tables, with each row's L2 method (format_benchmark's header line, then our own rows)."
-    lines = [format_benchmark({k: v for k, v in result.items() if k not in ("matvec", "decode")})]
-    l2 = result["l2"]
-    lines.append(f"L2: {_size(l2['bytes'])} ({l2['source']}); matvec weights: --l2 {l2['method']}")
-    if result.get("fake_timer"):
-        lines.append("emulator run: a fake timer, the CPU emulator's wall clock for decode: "
-                     "no number below is a measurement")
-    if result.get("matvec"):
-        lines.append(f"{'matvec (out x in)':>18} {'format':>15} {'us':>8} {'GB/s':>7} {'% peak':>7}  "
-                     "how the weights were read")
-        for m in result["matvec"]:
-            lines.append(f"{m['shape']:>18} {m['format']:>15} {m['seconds'] * 1e6:8.1f} {m['bytes_per_s'] / 1e9:7.0f} "
-                         f"{_pct(m['fraction_of_peak'])}  {m['l2_note']}")
-        timings = sorted({m["timing"] for m in result["matvec"]})
-        lines.append("bytes = weights + scales + x + y of one launch; time: " + "; ".join(timings))
-    if result.get("small_kernels"):
-        lines.append(f"{'kernel':>24} {'us':>8} {'GB/s':>7} {'% peak':>7}")
-        for k in result["small_kernels"]:
-            lines.append(f"{k['name']:>24} {k['seconds'] * 1e6:8.1f} {k['bytes_per_s'] / 1e9:7.0f} "
-                         f"{_pct(k['fraction_of_peak'])}")
-        lines.append(f"small kernels: {result['small_kernels'][0]['l2_note'].split(' (')[0]}")
-    if result.get("decode"):
-        lines.append(f"{'decode':>42} {'tok/s':>9} {'bound':>9}  weights per step against L2")
-        for d in result["decode"]:
-            bound = f"{d['bound_tokens_per_s']:9.0f}" if d.get("bound_tokens_per_s") else "        -"
-            lines.append(f"{d['name']:>42} {d['tokens_per_s']:9.1f} {bound}  {d.get('l2_note', '(CPU)')}")
-    return "\n".join(lines)
-
-
 # ---------------------------------------------------------------- main
 
 def plan(kind: str) -> dict:
@@ -731,7 +697,7 @@ def main(argv=None) -> int:
               "smollm2_greedy_equal": equal, "date": time.strftime("%Y-%m-%d")}
     if emulated:
         result["fake_timer"] = True
-        print(format_tables(result))
+        print(format_benchmark(result))
         print(f"dry run ok: {len(matvec)} matvec, {len(small)} kernel, {len(decode)} decode measurements "
               f"(emulator, fake timer: nothing measured, nothing written)")
         return 0
@@ -740,7 +706,7 @@ def main(argv=None) -> int:
     stem = re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-") + suffix
     (a.out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     paths = figures(result, a.out, stem)
-    print(format_tables(result))
+    print(format_benchmark(result))
     print("greedy tokens equal to chapter 08's CPU path:", json.dumps(equal))
     print("wrote", a.out / f"{stem}.json", *paths, f"({time.perf_counter() - t0:.0f} s)")
     return 0

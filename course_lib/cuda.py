@@ -1342,10 +1342,8 @@ extern "C" __global__ void attention_decode(const float* __restrict__ qkv, const
 """
 
 
-def cuda_attention(backend: Backend, qkv, cache_k, cache_v, pos, out, n_heads: int, n_kv_heads: int,
-                   head_dim: int, n_warps: int = 4, run: bool = True) -> Launch:
-    "out (n_heads·head_dim,) = attention of qkv's q heads over cache positions 0..pos[0] (pos: device int32 (1,))."
-    xp = backend.xp
+def _check_attention(xp, qkv, cache_k, cache_v, pos, out, n_heads, n_kv_heads, head_dim) -> tuple:
+    "The checks both attention kernels need; (n_heads, n_kv_heads, head_dim, max_seq_len) as int32."
     n_heads, n_kv_heads, head_dim = _check_heads(n_heads, n_kv_heads, head_dim)
     _check_array(xp, qkv, "qkv", np.float32, (None,))
     if qkv.shape[0] < int(n_heads) * int(head_dim):
@@ -1353,6 +1351,14 @@ def cuda_attention(backend: Backend, qkv, cache_k, cache_v, pos, out, n_heads: i
     max_seq_len = _check_cache(xp, cache_k, cache_v, n_kv_heads, head_dim)
     _check_array(xp, pos, "pos", np.int32, (1,))
     _check_array(xp, out, "out", np.float32, (int(n_heads) * int(head_dim),))
+    return n_heads, n_kv_heads, head_dim, max_seq_len
+
+
+def cuda_attention(backend: Backend, qkv, cache_k, cache_v, pos, out, n_heads: int, n_kv_heads: int,
+                   head_dim: int, n_warps: int = 4, run: bool = True) -> Launch:
+    "out (n_heads·head_dim,) = attention of qkv's q heads over cache positions 0..pos[0] (pos: device int32 (1,))."
+    n_heads, n_kv_heads, head_dim, max_seq_len = _check_attention(backend.xp, qkv, cache_k, cache_v, pos, out,
+                                                                   n_heads, n_kv_heads, head_dim)
     n_warps = _as_int32(n_warps, "n_warps")
     if not 1 <= n_warps <= 32:
         raise ValueError(f"n_warps must be in 1..32, got {n_warps}")
@@ -1363,8 +1369,6 @@ def cuda_attention(backend: Backend, qkv, cache_k, cache_v, pos, out, n_heads: i
 
 # %% ../notebooks/09_cuda_kernels.ipynb #c93de13d
 KERNEL_SOURCES["attention_split"] = r"""
-#define ATT_MAX_PER_LANE 8                                   // head_dim <= 256
-
 // Block (h, s): query head h over split s of positions 0..len-1 (len = *pos + 1, chunk = ceil(len / n_splits)).
 // partial (n_heads, n_splits, head_dim + 2) float32: o[head_dim] (not normalised) | m | l; an empty split writes
 // l = 0. Dynamic shared memory: n_warps * (head_dim + 2) floats.
@@ -1483,18 +1487,12 @@ def attention_n_splits(max_seq_len: int, n_heads: int, n_sm: int = H100_SMS, min
 def cuda_attention_split(backend: Backend, qkv, cache_k, cache_v, pos, partial, out, n_heads: int, n_kv_heads: int,
                          head_dim: int, n_warps: int = 4, run: bool = True) -> list:
     "Flash-decoding: out (n_heads·head_dim,) as cuda_attention, over n_splits = partial.shape[1] blocks per head."
-    xp = backend.xp
-    n_heads, n_kv_heads, head_dim = _check_heads(n_heads, n_kv_heads, head_dim)
-    _check_array(xp, qkv, "qkv", np.float32, (None,))
-    if qkv.shape[0] < int(n_heads) * int(head_dim):
-        raise ValueError(f"qkv has {qkv.shape[0]} values, fewer than n_heads * head_dim = {int(n_heads) * int(head_dim)}")
-    max_seq_len = _check_cache(xp, cache_k, cache_v, n_kv_heads, head_dim)
-    _check_array(xp, pos, "pos", np.int32, (1,))
-    _check_array(xp, partial, "partial", np.float32, (int(n_heads), None, int(head_dim) + 2))
+    n_heads, n_kv_heads, head_dim, max_seq_len = _check_attention(backend.xp, qkv, cache_k, cache_v, pos, out,
+                                                                   n_heads, n_kv_heads, head_dim)
+    _check_array(backend.xp, partial, "partial", np.float32, (int(n_heads), None, int(head_dim) + 2))
     n_splits = _as_int32(partial.shape[1], "n_splits")
     if not 1 <= n_splits <= 65535:
         raise ValueError(f"partial must have 1..65535 splits (grid y), got {n_splits}")
-    _check_array(xp, out, "out", np.float32, (int(n_heads) * int(head_dim),))
     threads = _check_threads(32 * _as_int32(n_warps, "n_warps"), "32 * n_warps")
     shared = 4 * (threads // 32) * (int(head_dim) + 2)
     return [_launch(backend, "attention_split", (int(n_heads), int(n_splits)), (threads,),
@@ -2061,22 +2059,34 @@ def plot_roofline(results: list = (), ax=None, predictions: list = ()):
     return ax
 
 # %% ../notebooks/09_cuda_kernels.ipynb #697134a8
+def _binary_size(n: float) -> str:
+    return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
+
+
 def format_benchmark(result: dict) -> str:
-    "The side-by-side tables of one benchmarks/cuda_decode.py result."
-    env = result.get("environment", {})
+    "The side-by-side tables of one benchmarks/cuda_decode.py result, each row saying how its weights were read."
+    env, peak, l2 = result.get("environment", {}), result.get("peak_bandwidth"), result.get("l2")
+    pct = lambda bytes_per_s: f"{100 * bytes_per_s / peak:6.1f}%" if peak else "      -"
     lines = [f"{result.get('gpu', '?')} | driver {env.get('driver', '?')} | CUDA {env.get('cuda', '?')} | "
              f"CuPy {env.get('cupy', '?')} | torch {env.get('torch', '?')}"]
-    peak = result.get("peak_bandwidth")
+    if l2:
+        lines.append(f"L2: {_binary_size(l2['bytes'])} ({l2['source']}); matvec weights: --l2 {l2['method']}")
+    if result.get("fake_timer"):
+        lines.append("emulator run: a fake timer: no number below is a measurement")
     if result.get("matvec"):
-        lines.append(f"{'matvec (out x in)':>22} {'format':>6} {'us':>8} {'GB/s':>8} {'% peak':>7}")
+        lines.append(f"{'matvec (out x in)':>18} {'format':>15} {'us':>8} {'GB/s':>7} {'% peak':>7}  how the weights were read")
         for m in result["matvec"]:
-            pct = f"{100 * m['bytes_per_s'] / peak:6.1f}%" if peak else "     -"
-            lines.append(f"{m['shape']:>22} {m['format']:>6} {m['seconds'] * 1e6:8.1f} {m['bytes_per_s'] / 1e9:8.0f} {pct}")
+            lines.append(f"{m['shape']:>18} {m['format']:>15} {m['seconds'] * 1e6:8.1f} {m['bytes_per_s'] / 1e9:7.0f} "
+                         f"{pct(m['bytes_per_s'])}  {m.get('l2_note', '')}")
+    if result.get("small_kernels"):
+        lines.append(f"{'kernel':>24} {'us':>8} {'GB/s':>7} {'% peak':>7}  (back to back on the same buffers)")
+        for k in result["small_kernels"]:
+            lines.append(f"{k['name']:>24} {k['seconds'] * 1e6:8.1f} {k['bytes_per_s'] / 1e9:7.0f} {pct(k['bytes_per_s'])}")
     if result.get("decode"):
-        lines.append(f"{'decode':>40} {'tok/s':>9} {'bound':>9}")
+        lines.append(f"{'decode':>42} {'tok/s':>9} {'bound':>9}  weights per step against L2")
         for d in result["decode"]:
             bound = f"{d['bound_tokens_per_s']:9.0f}" if d.get("bound_tokens_per_s") else "        -"
-            lines.append(f"{d['name']:>40} {d['tokens_per_s']:9.1f} {bound}")
+            lines.append(f"{d['name']:>42} {d['tokens_per_s']:9.1f} {bound}  {d.get('l2_note', '')}")
     return "\n".join(lines)
 
 # %% ../notebooks/09_cuda_kernels.ipynb #674874bb

@@ -5,7 +5,6 @@ present (the `gpu` marker; skipped otherwise). Tolerances: products and attentio
 order than PyTorch's, so results agree to ~1e-6 of their size; we allow 1e-5 relative (1e-4 for whole models).
 """
 import copy
-import os
 
 import numpy as np
 import pytest
@@ -23,29 +22,9 @@ from course_lib.model import PRESETS, ModelArgs, Transformer
 from course_lib.quantization import CCompilerError, FastQuantModel, block_bytes, dequantize, quantize, quantize_model
 from course_lib.rope import precompute_freqs_cis
 
+from conftest import EMU_OK, EMU_WHY, GPU_OK, GPU_WHY, needs_gpu  # noqa: E402 (tests/conftest.py)
+
 SCHEMES = ("q8_0", "q4_0", "q4_1")
-GPU_OK, GPU_WHY = gpu_available()
-EMU_OK, EMU_WHY = cuda.emulator_status()
-needs_gpu = [pytest.mark.gpu, pytest.mark.skipif(not GPU_OK, reason=f"needs an NVIDIA GPU with CuPy: {GPU_WHY}")]
-
-
-@pytest.fixture(scope="module")
-def bounds_checked():
-    "Every emulated launch of this module runs with bounds checking: a read or write outside an array fails."
-    old = os.environ.get("COURSE_CUDA_EMULATOR_CHECK_BOUNDS")
-    os.environ["COURSE_CUDA_EMULATOR_CHECK_BOUNDS"] = "1"
-    yield
-    if old is None:
-        del os.environ["COURSE_CUDA_EMULATOR_CHECK_BOUNDS"]
-    else:
-        os.environ["COURSE_CUDA_EMULATOR_CHECK_BOUNDS"] = old
-
-
-@pytest.fixture(scope="module", params=[
-    pytest.param("emulator", marks=pytest.mark.skipif(not EMU_OK, reason=f"CPU emulator unavailable: {EMU_WHY}")),
-    pytest.param("cupy", marks=needs_gpu)])
-def backend(request, bounds_checked):
-    return get_backend(request.param)
 
 
 def host(backend, a) -> torch.Tensor:

@@ -8,7 +8,6 @@ is present (the `gpu` marker; skipped otherwise). References:
 - flash-decoding: a float64 softmax in PyTorch.
 """
 import math
-import os
 
 import numpy as np
 import pytest
@@ -24,29 +23,10 @@ from course_lib.model import PRESETS
 from course_lib import quantization
 from course_lib.quantization import dequantize, quantize, repack_rows8
 
+from conftest import EMU_OK, EMU_WHY, GPU_OK, GPU_WHY, needs_gpu  # noqa: E402 (tests/conftest.py)
+
 SCHEMES = ("q4_0", "q4_1", "q8_0")
-GPU_OK, GPU_WHY = gpu_available()
-EMU_OK, EMU_WHY = cuda.emulator_status()
-needs_gpu = [pytest.mark.gpu, pytest.mark.skipif(not GPU_OK, reason=f"needs an NVIDIA GPU with CuPy: {GPU_WHY}")]
 needs_emulator = pytest.mark.skipif(not EMU_OK, reason=f"CPU emulator unavailable: {EMU_WHY}")
-
-
-@pytest.fixture(scope="module")
-def bounds_checked():
-    "Every emulated launch of this module runs with bounds checking: a read or write outside an array fails."
-    old = os.environ.get("COURSE_CUDA_EMULATOR_CHECK_BOUNDS")
-    os.environ["COURSE_CUDA_EMULATOR_CHECK_BOUNDS"] = "1"
-    yield
-    if old is None:
-        del os.environ["COURSE_CUDA_EMULATOR_CHECK_BOUNDS"]
-    else:
-        os.environ["COURSE_CUDA_EMULATOR_CHECK_BOUNDS"] = old
-
-
-@pytest.fixture(scope="module", params=[pytest.param("emulator", marks=needs_emulator),
-                                        pytest.param("cupy", marks=needs_gpu)])
-def backend(request, bounds_checked):
-    return get_backend(request.param)
 
 
 def upload(backend, dst, array):
