@@ -197,22 +197,24 @@ RESERVED_SHARED = 1024               # bytes per block the system keeps on sm_80
 
 
 def cuobjdump_path() -> Optional[Path]:
-    "cuobjdump (nvidia-cuda-cuobjdump wheel or a CUDA toolkit), or None."
-    found = shutil.which("cuobjdump")
-    if found:
-        return Path(found)
-    return next((d / "bin" / "cuobjdump" for d in _toolkit_dirs() if (d / "bin" / "cuobjdump").is_file()), None)
+    "cuobjdump, with nvdisasm beside it or on PATH for -sass (nvidia-cuda-cuobjdump/-nvdisasm wheels, a toolkit), or None."
+    for tool in [Path(p) for p in (shutil.which("cuobjdump"),) if p] + [d / "bin" / "cuobjdump" for d in _toolkit_dirs()]:
+        if tool.is_file() and ((tool.parent / "nvdisasm").is_file() or shutil.which("nvdisasm")):
+            return tool
+    return None
 
 
 def cuobjdump(cubin: bytes, *options: str) -> str:
     "The text cuobjdump prints for a cubin, e.g. cuobjdump(cubin, '-sass')."
     tool = cuobjdump_path()
     if tool is None:
-        raise RuntimeError("cuobjdump is not installed: pip install nvidia-cuda-cuobjdump (in the course's dev extra)")
+        raise RuntimeError("cuobjdump is not installed: pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm (the dev extra's)")
+    # -sass runs nvdisasm, which the wheels put beside cuobjdump: look there first
+    env = {**os.environ, "PATH": os.pathsep.join([str(tool.parent), os.environ.get("PATH", "")])}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "kernels.cubin"
         path.write_bytes(cubin)
-        r = subprocess.run([str(tool), *options, str(path)], capture_output=True, text=True)
+        r = subprocess.run([str(tool), *options, str(path)], capture_output=True, text=True, env=env)
     if r.returncode != 0:
         raise RuntimeError(f"cuobjdump {' '.join(options)} failed: {r.stderr.strip()}")
     return r.stdout
