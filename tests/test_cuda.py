@@ -5,6 +5,7 @@ present (the `gpu` marker; skipped otherwise). Tolerances: products and attentio
 order than PyTorch's, so results agree to ~1e-6 of their size; we allow 1e-5 relative (1e-4 for whole models).
 """
 import copy
+import os
 
 import numpy as np
 import pytest
@@ -631,6 +632,20 @@ def test_smollm2_greedy_matches_the_cpu_quantized_path(use_graph, matvec):
         expected = list(generate_tokens(reference, ids, 32))
         assert gpu.generate_greedy(ids, 32) == expected, prompt
         assert list(generate_tokens(gpu, ids, 32)) == expected, prompt
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("COURSE_EMULATE_SMOLLM2") != "1",
+                    reason="SmolLM2 on the CPU emulator takes ~15 s a token (too slow for CI): COURSE_EMULATE_SMOLLM2=1")
+def test_smollm2_on_the_emulator_follows_the_c_step():
+    "The real model through the GPU code path (graph, device argmax) on the emulator: 4 greedy tokens as the C step."
+    from course_lib.gguf_tokenizer import load_smollm2
+    model, tokenizer = load_smollm2(max_seq_len=64)
+    quantized = quantize_model(model, "q4_0", backend="dequant")
+    c_step = FastQuantModel(copy.deepcopy(quantized), kernel="c")
+    emulated = CudaQuantModel(quantized, backend="emulator", use_graph=True)
+    ids = tokenizer.encode("The capital of France is")
+    assert emulated.generate_greedy(ids, 4) == list(generate_tokens(c_step, ids, 4))
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
