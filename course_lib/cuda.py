@@ -1275,6 +1275,20 @@ def cuda_rope_kv_cache(backend: Backend, qkv, cos, sin, pos, cache_k, cache_v, n
 KERNEL_SOURCES["attention"] = r"""
 #define ATT_MAX_PER_LANE 8                                   // head_dim <= 256
 
+// Each warp leaves its online-softmax state in shared memory for the block's merge:
+// smem = wm (n_warps,) | wl (n_warps,) | wo (n_warps, head_dim). Ends with the barrier the merge needs.
+__device__ __forceinline__ void stash_warp_state(float* smem, float m, float l, const float (&o)[ATT_MAX_PER_LANE],
+                                                 int head_dim) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+    if (lane == 0) { smem[warp] = m; smem[n_warps + warp] = l; }
+#pragma unroll
+    for (int k = 0; k < ATT_MAX_PER_LANE; ++k) {
+        const int e = lane + 32 * k;
+        if (e < head_dim) smem[2 * n_warps + warp * head_dim + e] = o[k];
+    }
+    __syncthreads();
+}
+
 // out[h] = softmax(q_h . K[kv, :len] * scale) V[kv, :len], len = pos + 1, kv = h / (n_heads / n_kv_heads).
 // qkv: the rotated q heads first; cache_k, cache_v: (n_kv_heads, max_seq_len, head_dim); out: (n_heads * head_dim,)
 // grid: n_heads blocks; block: 32 * n_warps threads; dynamic shared memory: n_warps * (head_dim + 2) floats.
@@ -1317,17 +1331,9 @@ extern "C" __global__ void attention_decode(const float* __restrict__ qkv, const
         }
         m = m_new;
     }
-    // merge the warps: each writes (m, l, o) to shared memory; every thread then combines one element
-    float* wm = smem;                                        // (n_warps,)
-    float* wl = smem + n_warps;                              // (n_warps,)
-    float* wo = smem + 2 * n_warps;                          // (n_warps, head_dim)
-    if (lane == 0) { wm[warp] = m; wl[warp] = l; }
-#pragma unroll
-    for (int k = 0; k < ATT_MAX_PER_LANE; ++k) {
-        const int e = lane + 32 * k;
-        if (e < head_dim) wo[warp * head_dim + e] = o[k];
-    }
-    __syncthreads();
+    // merge the warps: each leaves (m, l, o) in shared memory; every thread then combines one element
+    stash_warp_state(smem, m, l, o, head_dim);
+    const float *wm = smem, *wl = smem + n_warps, *wo = smem + 2 * n_warps;
     float m_all = NEG_INF;
     for (int w = 0; w < n_warps; ++w) m_all = fmaxf(m_all, wm[w]);
     for (int e = threadIdx.x; e < head_dim; e += blockDim.x) {
@@ -1429,16 +1435,8 @@ extern "C" __global__ void attention_split(const float* __restrict__ qkv, const 
         m = m_new;
     }
     // merge the block's warps through shared memory (warp 0 saw a position; others may have l = 0)
-    float* wm = smem;
-    float* wl = smem + n_warps;
-    float* wo = smem + 2 * n_warps;
-    if (lane == 0) { wm[warp] = m; wl[warp] = l; }
-#pragma unroll
-    for (int k = 0; k < ATT_MAX_PER_LANE; ++k) {
-        const int e = lane + 32 * k;
-        if (e < head_dim) wo[warp * head_dim + e] = o[k];
-    }
-    __syncthreads();
+    stash_warp_state(smem, m, l, o, head_dim);
+    const float *wm = smem, *wl = smem + n_warps, *wo = smem + 2 * n_warps;
     float m_blk = NEG_INF;
     for (int w = 0; w < n_warps; ++w)
         if (wl[w] > 0.0f) m_blk = fmaxf(m_blk, wm[w]);
