@@ -1275,6 +1275,19 @@ def cuda_rope_kv_cache(backend: Backend, qkv, cos, sin, pos, cache_k, cache_v, n
 KERNEL_SOURCES["attention"] = r"""
 #define ATT_MAX_PER_LANE 8                                   // head_dim <= 256
 
+// A lane's share of head h's query, scaled by 1/sqrt(head_dim) once (elements lane, lane + 32, ...), and a
+// zeroed output accumulator of the same shape.
+__device__ __forceinline__ void load_query(const float* q, float scale, int head_dim, float (&qv)[ATT_MAX_PER_LANE],
+                                           float (&o)[ATT_MAX_PER_LANE]) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int k = 0; k < ATT_MAX_PER_LANE; ++k) {
+        const int e = lane + 32 * k;
+        qv[k] = e < head_dim ? q[e] * scale : 0.0f;
+        o[k] = 0.0f;
+    }
+}
+
 // Each warp leaves its online-softmax state in shared memory for the block's merge:
 // smem = wm (n_warps,) | wl (n_warps,) | wo (n_warps, head_dim). Ends with the barrier the merge needs.
 __device__ __forceinline__ void stash_warp_state(float* smem, float m, float l, const float (&o)[ATT_MAX_PER_LANE],
@@ -1304,12 +1317,7 @@ extern "C" __global__ void attention_decode(const float* __restrict__ qkv, const
     const float* K = cache_k + (size_t)kv * max_seq_len * head_dim;
     const float* V = cache_v + (size_t)kv * max_seq_len * head_dim;
     float qv[ATT_MAX_PER_LANE], o[ATT_MAX_PER_LANE];
-#pragma unroll
-    for (int k = 0; k < ATT_MAX_PER_LANE; ++k) {
-        const int e = lane + 32 * k;
-        qv[k] = e < head_dim ? q[e] * scale : 0.0f;          // fold 1/sqrt(head_dim) into q once
-        o[k] = 0.0f;
-    }
+    load_query(q, scale, head_dim, qv, o);                   // 1/sqrt(head_dim) folded into q once
     float m = NEG_INF, l = 0.0f;
     for (int t = warp; t < len; t += n_warps) {
         const float* kt = K + (size_t)t * head_dim;
@@ -1401,12 +1409,7 @@ extern "C" __global__ void attention_split(const float* __restrict__ qkv, const 
     const float* K = cache_k + (size_t)kv * max_seq_len * head_dim;
     const float* V = cache_v + (size_t)kv * max_seq_len * head_dim;
     float qv[ATT_MAX_PER_LANE], o[ATT_MAX_PER_LANE];
-#pragma unroll
-    for (int k = 0; k < ATT_MAX_PER_LANE; ++k) {
-        const int e = lane + 32 * k;
-        qv[k] = e < head_dim ? q[e] * scale : 0.0f;
-        o[k] = 0.0f;
-    }
+    load_query(q, scale, head_dim, qv, o);
     float m = NEG_INF, l = 0.0f;
     // warp w takes positions start + w, start + w + n_warps, ... two at a time: independent loads and shuffles
     for (int t0 = start + warp; t0 < end; t0 += 2 * n_warps) {
