@@ -150,19 +150,23 @@ def _run_grade(a, out=None) -> None:
     hw = grading.get_homework(a.homework)                # unknown homework: ValueError, one line
     if a.timeout <= 0 or a.memory_mb <= 0:
         raise ValueError(f"--timeout and --memory-mb must be > 0, got {a.timeout:g} and {a.memory_mb:g}")
+    hide = None if not a.hide else grading._hidden(a.submissions) + [Path(p) for p in a.hide]
     results = grading.grade(hw, a.submissions, csv_path=a.csv or f"grades-{hw.name}.csv",
-                            timeout=a.timeout, memory_mb=a.memory_mb, out=out,
+                            timeout=a.timeout, memory_mb=a.memory_mb, out=out, hide=hide,
                             progress=True)   # a bar on stderr: a class takes minutes
     print(f"wrote {a.csv or f'grades-{hw.name}.csv'} ({len(results)} submissions)", file=sys.stderr)
 
 
 def _add_grade_command(commands) -> None:
-    p = commands.add_parser("grade", help="grade homework submissions (.py or .ipynb), each in its own process")
+    p = commands.add_parser("grade", help="grade homework submissions (.py or .ipynb), each in its own sandbox")
     p.add_argument("homework", help="which homework: attention, decoding or quantization")
     p.add_argument("submissions", nargs="+", help="submission files; the student's name is the file's stem")
     p.add_argument("--csv", default=None, help="where to write student,score,max_score,feedback (default grades-HW.csv)")
     p.add_argument("--timeout", type=float, default=120, help="seconds each submission may run (default 120)")
     p.add_argument("--memory-mb", type=float, default=4096, help="memory each submission may map, in MB (default 4096)")
+    p.add_argument("--hide", action="append", default=[], metavar="FOLDER",
+                   help="a folder submissions must not read, such as your reference solutions (repeatable; the "
+                        "course's tests/ and the submissions' folders are always hidden)")
     p.set_defaults(run=_run_grade)
 
 # %% ../notebooks/07d_cli.ipynb #d6deb375
