@@ -2,8 +2,7 @@
 
 # %% auto #0
 __all__ = ['MAX_HEADER_BYTES', 'MAX_DATA_BYTES', 'MAX_DEPTH', 'GUARANTEES', 'NOBODY', 'WireError', 'encode', 'decode', 'pack',
-           'read_message', 'SandboxStopped', 'SandboxError', 'Sandbox', 'SubmissionExit', 'UnsendableResult',
-           'RemoteValue', 'RemoteFunction', 'Submission', 'load_submission_in', 'serve']
+           'read_message', 'SandboxStopped', 'SandboxError', 'Sandbox', 'serve']
 
 # %% ../notebooks/10b_sandbox.ipynb #49a6d258
 import ctypes
@@ -589,94 +588,6 @@ class Sandbox:
     def request(self, header: dict, buffers=()) -> tuple:
         self.send(pack(header, buffers))
         return self.receive()
-
-# %% ../notebooks/10b_sandbox.ipynb #e329205d
-class SubmissionExit(Exception):
-    "The submission called sys.exit (raised on the trusted side instead of SystemExit, which would stop the grader)."
-    def __init__(self, code):
-        super().__init__(f"sys.exit({code!r})")
-        self.code = code
-
-
-class UnsendableResult(Exception):
-    "The submission returned something that is not plain data."
-
-
-def _exception(info: dict) -> Exception:
-    "The trusted side's copy of an exception raised in the submission: the nearest built-in class, its message."
-    import builtins
-    if not isinstance(info, dict):
-        info = {}
-    name, base, message = (str(info.get(k, ""))[:2000] for k in ("type", "base", "message"))
-    if base == "SystemExit":
-        code = info.get("code")
-        e = SubmissionExit(code if isinstance(code, (int, str, type(None))) else None)
-    else:
-        cls = getattr(builtins, base, None)
-        cls = cls if isinstance(cls, type) and issubclass(cls, Exception) else Exception
-        try:
-            e = cls(message)
-        except TypeError:                                # UnicodeDecodeError and friends need more arguments
-            e = Exception(message)
-    e.remote_type = name or type(e).__name__
-    return e
-
-
-class RemoteValue:
-    "A name the submission binds to something that is not a function (its type's name is all we keep)."
-    def __init__(self, type_name: str):
-        self.type_name = type_name
-
-
-class RemoteFunction:
-    "Calls the submission's function in its process: arguments go as data, the result comes back as data."
-    def __init__(self, sandbox: "Sandbox", name: str, stub: bool = False, shared=dict):
-        self.sandbox, self.name, self.is_stub, self._shared = sandbox, name, stub, shared
-
-    def __call__(self, *args, **kwargs):
-        tree, buffers = encode([list(args), kwargs], {id(o): n for n, o in self._shared().items()})
-        header, buffers = self.sandbox.request({"call": self.name, "args": tree[0], "kwargs": tree[1]}, buffers)
-        if "raised" in header:
-            raise _exception(header["raised"])
-        if "unsendable" in header:
-            raise UnsendableResult(str(header["unsendable"])[:300])
-        try:
-            result = decode(header["result"], buffers)
-            value, changed = result["value"], result["changed"]
-            for i, new in changed.items():               # the function changed an argument in place: so do we
-                old = args[int(i)]
-                if isinstance(new, type(old)) and new.shape == old.shape and new.dtype == old.dtype:
-                    old.copy_(new)
-        except (WireError, KeyError, TypeError, ValueError, IndexError) as e:
-            raise self.sandbox._stop(f"broke the protocol: {e}") from None
-        return value
-
-
-class Submission:
-    "The grader's view of a loaded submission: `get(name)` returns a RemoteFunction, a RemoteValue or None."
-    def __init__(self, sandbox: "Sandbox", names: dict, shared=dict):
-        self.sandbox, self.names, self._shared = sandbox, names, shared
-
-    def get(self, name: str, default=None):
-        kind = self.names.get(name, "missing")
-        if kind == "missing":
-            return default
-        if kind in ("function", "stub"):
-            return RemoteFunction(self.sandbox, name, stub=kind == "stub", shared=self._shared)
-        return RemoteValue(kind)
-
-
-def load_submission_in(sandbox: "Sandbox", source: str, filename: str, names, loaders: dict = None,
-                       shared=dict) -> Submission:
-    "Run a submission's code in the sandbox; raise its exception if loading fails."
-    header, _ = sandbox.request({"load": source, "filename": filename, "names": list(names),
-                                 "shared": dict(loaders or {})})
-    if "raised" in header:
-        raise _exception(header["raised"])
-    got = header.get("names")
-    if not isinstance(got, dict) or not all(isinstance(v, str) for v in got.values()):
-        raise sandbox._stop("broke the protocol: no list of names after loading")
-    return Submission(sandbox, {n: got.get(n, "missing")[:100] for n in names}, shared)
 
 # %% ../notebooks/10b_sandbox.ipynb #d82d0485
 def _kind(ns: dict, name: str) -> str:

@@ -1,4 +1,4 @@
-"""course_lib.sandbox: the message format (never pickle, sizes checked first) and the sandboxed process
+"""course_lib.sandbox (and the grader's calls into it): the message format (never pickle, sizes checked first) and the sandboxed process
 (exceptions, exits, crashes, time, output, forks, in-place edits, and what it can and cannot see)."""
 import json
 import math
@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from course_lib import sandbox as sb
-from course_lib.sandbox import (Sandbox, SandboxStopped, SubmissionExit, UnsendableResult, WireError, decode,
-                                encode, load_submission_in, pack, read_message)
+from course_lib.grading import SubmissionExit, UnsendableResult, load_submission_in
+from course_lib.sandbox import Sandbox, SandboxStopped, WireError, decode, encode, pack, read_message
 
 
 def _round_trip(value, shared=None, resolve=None):
