@@ -9,9 +9,7 @@ __all__ = ['ATTENTION', 'SHARED', 'DECODING', 'Q5_0', 'HOMEWORKS', 'SKIP_MARK', 
 # %% ../notebooks/10_grading.ipynb #b5a1b19e
 import csv
 import json
-import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -22,7 +20,7 @@ from tqdm import tqdm
 
 from .attention import causal_mask, kv_cache_bytes
 from .checking import compare
-from .sandbox import GUARANTEES, Sandbox, SandboxStopped, WireError, decode, encode
+from .sandbox import GUARANTEES, Sandbox, SandboxStopped, WireError, decode, encode, is_stub, readable_paths
 
 # %% ../notebooks/10_grading.ipynb #bb7de673
 class _Feedback(Exception):
@@ -51,12 +49,6 @@ class Homework:
         return sum(t.points for t in self.tests)
 
 
-def _is_stub(f) -> bool:
-    "True for a function whose body only raises NotImplementedError (a starter's stub)."
-    code = getattr(f, "__code__", None)
-    return code is not None and code.co_names == ("NotImplementedError",)
-
-
 def _fn(ns, name: str):
     "The submission's function `name`: a local one (`check`) or a RemoteFunction that calls it in its sandbox."
     f = ns.get(name)
@@ -64,7 +56,7 @@ def _fn(ns, name: str):
         raise _Feedback(f"the submission defines no `{name}`")
     if isinstance(f, RemoteValue) or not callable(f):
         raise _Feedback(f"`{name}` should be a function, got {getattr(f, 'type_name', type(f).__name__)}")
-    if _is_stub(f) or getattr(f, "is_stub", False):   # fail at once, before a test loads the model for nothing
+    if is_stub(f) or getattr(f, "is_stub", False):   # fail at once, before a test loads the model for nothing
         raise NotImplementedError(name)
     return f
 
@@ -174,7 +166,7 @@ class RemoteFunction:
                 if isinstance(new, type(old)) and new.shape == old.shape and new.dtype == old.dtype:
                     old.copy_(new)
         except (WireError, KeyError, TypeError, ValueError, IndexError) as e:
-            raise self.sandbox._stop(f"broke the protocol: {e}") from None
+            raise self.sandbox.stop(f"broke the protocol: {e}") from None
         return value
 
 
@@ -201,7 +193,7 @@ def load_submission_in(sandbox: Sandbox, source: str, filename: str, names, load
         raise _exception(header["raised"])
     got = header.get("names")
     if not isinstance(got, dict) or not all(isinstance(v, str) for v in got.values()):
-        raise sandbox._stop("broke the protocol: no list of names after loading")
+        raise sandbox.stop("broke the protocol: no list of names after loading")
     return Submission(sandbox, {n: got.get(n, "missing")[:100] for n in names}, shared)
 
 # %% ../notebooks/10_grading.ipynb #4017e9eb
@@ -571,8 +563,7 @@ def _their_output(box: Sandbox) -> str:
 def _hidden(paths) -> list:
     "Folders the submission must not read: the course's tests (reference solutions) and the submissions' folders."
     import course_lib
-    from course_lib.sandbox import _readable_paths
-    needed = [Path(p) for p in _readable_paths()] + [Path(course_lib.__file__).resolve().parent]
+    needed = [Path(p) for p in readable_paths()] + [Path(course_lib.__file__).resolve().parent]
     hide = [Path(course_lib.__file__).resolve().parents[1] / "tests"]
     for p in map(lambda p: Path(p).resolve(), paths):     # a folder that python needs: hide just the file
         folder = p.parent

@@ -2,7 +2,7 @@
 
 # %% auto #0
 __all__ = ['MAX_HEADER_BYTES', 'MAX_DATA_BYTES', 'MAX_DEPTH', 'GUARANTEES', 'NOBODY', 'WireError', 'encode', 'decode', 'pack',
-           'read_message', 'SandboxStopped', 'SandboxError', 'Sandbox', 'serve']
+           'read_message', 'SandboxStopped', 'SandboxError', 'readable_paths', 'Sandbox', 'is_stub', 'serve']
 
 # %% ../notebooks/10b_sandbox.ipynb #49a6d258
 import ctypes
@@ -12,6 +12,7 @@ import math
 import os
 import resource
 import select
+import shutil
 import signal
 import struct
 import subprocess
@@ -399,7 +400,7 @@ class _Output:
         return line if len(line) <= n else "..." + line[-n:]
 
 
-def _readable_paths() -> list:
+def readable_paths() -> list:
     "What the submission's python must be able to read: its executable, the standard library, site-packages."
     paths = {Path(os.path.realpath(sys.executable)).parent, Path(sys.prefix), Path(sys.base_prefix)}
     paths |= {Path(p) for p in sys.path if p and Path(p).is_dir()}
@@ -417,6 +418,7 @@ class Sandbox:
         self.nproc, self.work_mb, self.output_limit = nproc, work_mb, int(output_limit_mb * 2**20)
         self.output, self.lost, self.spent = _Output(), {}, 0.0
         self._proc, self._pid, self._exit, self._status_buf, self._out_open = None, None, None, b"", True
+        self._seen = set()                                  # keys of the supervisor's reports so far
 
     # -- starting and stopping
     def __enter__(self):
@@ -438,7 +440,7 @@ class Sandbox:
                "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
                "PYTHONPATH": str(Path(course_lib.__file__).parents[1]), "COURSE_SANDBOX": self.token, **self.env}
         cfg = {"fds": {"request": request, "reply": reply, "out": out, "status": st}, "work": self._work,
-               "hide": self.hide, "readable": _readable_paths() + self.readable, "python": sys.executable,
+               "hide": self.hide, "readable": readable_paths() + self.readable, "python": sys.executable,
                "env": env, "memory_mb": int(self.memory_mb), "work_mb": self.work_mb, "nproc": self.nproc}
         supervisor = Path(course_lib.__file__).parent / "sandbox.py"      # run with the standard library only
         self._proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _SUPERVISOR, str(supervisor), json.dumps(cfg)],
@@ -479,7 +481,6 @@ class Sandbox:
         for fd in (self._request, self._reply, self._out, self._st):
             os.close(fd)
         self._proc = None
-        import shutil
         shutil.rmtree(self._work, ignore_errors=True)
 
     def _sweep(self) -> None:
@@ -493,11 +494,8 @@ class Sandbox:
                 pass
 
     # -- the supervisor's reports
-    _seen = ()
-
     def _read_status(self, wait: float = 0, until=lambda: False) -> None:
         end = time.monotonic() + wait
-        self._seen = set(self._seen)
         while True:
             try:
                 chunk = os.read(self._st, 65536)
@@ -507,7 +505,10 @@ class Sandbox:
                 self._status_buf += chunk
                 *lines, self._status_buf = self._status_buf.split(b"\n")
                 for line in lines:
-                    msg = json.loads(line)
+                    try:
+                        msg = json.loads(line)
+                    except ValueError:                   # only our own code writes here; never crash on it
+                        continue
                     self._seen |= set(msg)
                     self.lost.update(msg.get("lost", {}))
                     self.lost.update(msg.get("child", {}))
@@ -518,7 +519,8 @@ class Sandbox:
                 return
             select.select([self._st], [], [], max(0.0, end - time.monotonic()))
 
-    def _stop(self, reason: str) -> SandboxStopped:
+    def stop(self, reason: str) -> SandboxStopped:
+        "Close the sandbox and return the SandboxStopped to raise, with `reason`."
         self.close()
         return SandboxStopped(reason)
 
@@ -526,7 +528,7 @@ class Sandbox:
         "The reply pipe closed: the process is gone (or closed it). Say how it ended."
         self._read_status(wait=5, until=lambda: self._exit is not None)
         reason = _describe_status(self._exit) if self._exit is not None else "the process closed its connection"
-        return self._stop(reason)
+        return self.stop(reason)
 
     # -- talking to the submission
     def _remaining(self) -> float:
@@ -537,7 +539,7 @@ class Sandbox:
         while True:
             left = self._remaining()
             if left <= 0:
-                raise self._stop(f"time limit exceeded ({self.timeout:g} s)")
+                raise self.stop(f"time limit exceeded ({self.timeout:g} s)")
             watch = [self._out] if self._out_open else []
             t0 = time.monotonic()
             r, w, _ = select.select(watch + ([] if write else [fd]), [fd] if write else [], [], left)
@@ -557,7 +559,7 @@ class Sandbox:
             return
         self.output.add(data)
         if self.output.total > self.output_limit:
-            raise self._stop(f"printed more than {self.output_limit >> 20} MB")
+            raise self.stop(f"printed more than {self.output_limit >> 20} MB")
 
     def _read_exact(self, n: int) -> bytes:
         chunks, left = [], n
@@ -583,20 +585,25 @@ class Sandbox:
         try:
             return read_message(self._read_exact)
         except WireError as e:
-            raise self._stop(f"broke the protocol: {e}") from None
+            raise self.stop(f"broke the protocol: {e}") from None
 
     def request(self, header: dict, buffers=()) -> tuple:
         self.send(pack(header, buffers))
         return self.receive()
 
 # %% ../notebooks/10b_sandbox.ipynb #d82d0485
+def is_stub(f) -> bool:
+    "True for a function whose body only raises NotImplementedError (a starter's stub)."
+    code = getattr(f, "__code__", None)
+    return code is not None and code.co_names == ("NotImplementedError",)
+
+
 def _kind(ns: dict, name: str) -> str:
     "How `name` is bound in the submission: missing, function, stub (raises NotImplementedError only) or a type."
     if name not in ns:
         return "missing"
     f = ns[name]
-    code = getattr(f, "__code__", None)
-    if code is not None and code.co_names == ("NotImplementedError",):
+    if is_stub(f):
         return "stub"
     return "function" if callable(f) else type(f).__name__
 

@@ -2,8 +2,6 @@
 with a clear reason; the run finishes, every other submission is graded, and no process of a submission is
 alive afterwards. Where an attack would succeed without the sandbox, a control shows that it does."""
 import csv
-import os
-import socket
 import socketserver
 import tempfile
 import threading

@@ -18,7 +18,8 @@ from course_lib.sandbox import Sandbox, SandboxStopped, WireError, decode, encod
 
 
 def _round_trip(value, shared=None, resolve=None):
-    stream = bytearray(pack({"v": encode(value, shared)[0]}, encode(value, shared)[1]))
+    tree, buffers = encode(value, shared)
+    stream = bytearray(pack({"v": tree}, buffers))
     def read_exact(n):
         out = bytes(stream[:n]); del stream[:n]; return out
     header, buffers = read_message(read_exact)
@@ -190,8 +191,10 @@ def test_hidden_files_and_folders_read_as_empty():
 
 
 def test_the_supervisor_starts_with_the_standard_library_only():
-    import subprocess, sys
-    code = "import runpy, sys; sys.argv = ['x']; runpy.run_path(sys.argv[0] if False else %r); print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy')))" % sb.__file__
+    import subprocess
+    import sys
+    code = (f"import runpy, sys; runpy.run_path({sb.__file__!r}); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy')))")
     out = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -222,7 +225,8 @@ os.wait()
 
 def test_the_user_namespace_path_as_an_unprivileged_user():
     "CI runs as root; this runs the layers as `nobody`, through the user namespace a student's machine uses."
-    import shutil, subprocess
+    import shutil
+    import subprocess
     system_python = "/usr/bin/python3"
     if os.geteuid() != 0 or not shutil.which("setpriv") or not os.access(system_python, os.X_OK):
         pytest.skip("needs root (to become nobody), setpriv and a python that nobody can run")
