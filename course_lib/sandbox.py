@@ -331,6 +331,8 @@ def _supervise(cfg: dict) -> None:
     fds, root = cfg["fds"], os.geteuid() == 0
     lost = {}
     try:
+        if not cfg["namespaces"]:
+            raise OSError(0, "turned off by Sandbox(namespaces=False)")
         _enter_namespaces(root)
         isolated = True
     except (OSError, AttributeError) as e:                 # AttributeError: a libc without unshare (macOS)
@@ -412,7 +414,9 @@ class Sandbox:
     spent waiting for replies counts against `timeout`; anything wrong raises SandboxStopped."""
 
     def __init__(self, timeout: float = 60, memory_mb: float = 4096, hide=(), readable=(), env=None,
-                 nproc: int = 64, work_mb: int = 64, output_limit_mb: float = 8, start_timeout: float = 120):
+                 nproc: int = 64, work_mb: int = 64, output_limit_mb: float = 8, start_timeout: float = 120,
+                 namespaces: bool = True):
+        self.namespaces = namespaces                     # False: as on a machine without them (tests, benchmarks)
         self.timeout, self.memory_mb, self.start_timeout = timeout, memory_mb, start_timeout
         self.hide, self.readable, self.env = [str(Path(p).resolve()) for p in hide], list(readable), dict(env or {})
         self.nproc, self.work_mb, self.output_limit = nproc, work_mb, int(output_limit_mb * 2**20)
@@ -441,7 +445,8 @@ class Sandbox:
                "PYTHONPATH": str(Path(course_lib.__file__).parents[1]), "COURSE_SANDBOX": self.token, **self.env}
         cfg = {"fds": {"request": request, "reply": reply, "out": out, "status": st}, "work": self._work,
                "hide": self.hide, "readable": readable_paths() + self.readable, "python": sys.executable,
-               "env": env, "memory_mb": int(self.memory_mb), "work_mb": self.work_mb, "nproc": self.nproc}
+               "env": env, "memory_mb": int(self.memory_mb), "work_mb": self.work_mb, "nproc": self.nproc,
+               "namespaces": self.namespaces}
         supervisor = Path(course_lib.__file__).parent / "sandbox.py"      # run with the standard library only
         self._proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _SUPERVISOR, str(supervisor), json.dumps(cfg)],
                                       pass_fds=(request, reply, out, st), stdin=subprocess.DEVNULL, stdout=out,

@@ -246,3 +246,23 @@ def test_the_user_namespace_path_as_an_unprivileged_user():
     assert run.stdout.strip() == str([1, 0, [], "Read-only file system", "Network is unreachable", "0000000000000000"])
     assert not (root / "outside").exists()
     shutil.rmtree(root, ignore_errors=True)
+
+
+def test_without_namespaces_the_grader_still_works_and_names_what_is_lost():
+    "The path of a machine without namespaces (macOS, locked-down Linux), forced here with namespaces=False."
+    from gguf import GGMLQuantizationType, quants
+    from course_lib import grading
+    solution = Path(__file__).parent / "homework" / "solutions" / "quantization.py"
+    x = torch.randn(4, 32, generator=torch.Generator().manual_seed(0))
+    with Sandbox(timeout=30, namespaces=False) as box:
+        sub = load_submission_in(box, solution.read_text(), "q.py", ["quantize_q5_0"])
+        got = sub.get("quantize_q5_0")(x)
+        pid, ppid, *_ = load_submission_in(box, SOURCE, "s.py", ["identity"]).get("identity")()
+        lost = dict(box.lost)
+    assert np.array_equal(got.numpy(), quants.quantize(x.numpy(), GGMLQuantizationType.Q5_0))
+    assert pid != 1 and ppid != 0                                   # an ordinary child of the supervisor
+    assert {"network", "files", "hidden", "lifetime"} <= set(lost)
+    assert all("turned off by Sandbox(namespaces=False)" in lost[g] for g in ("network", "files", "hidden"))
+    result = grading.SubmissionResult("ada", "quantization", [("quantize", 3, 3, "")], lost=lost)
+    note = grading.isolation_note([result, result])                 # once, however many submissions lost it
+    assert note.count("\n") == len(lost) - 1 and "'has no network': no namespaces" in note
