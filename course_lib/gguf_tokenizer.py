@@ -225,6 +225,13 @@ class GGUFTokenizer:
         self.token_type: list = list(md.get("tokenizer.ggml.token_type") or [1] * n)
         self.vocab = {t: i for i, t in enumerate(self.tokens)}           # GGUF spelling -> id
         self.pre = pre
+        if not all(isinstance(t, str) for t in self.tokens) or len(self.token_type) != n:
+            raise ValueError(f"tokenizer.ggml.tokens must be strings, and token_type one number per token "
+                             f"({len(self.token_type)} for {n} tokens)")
+        for k in ("bos", "eos", "padding", "unknown"):          # a wrong id fails here, not in the first chat
+            tid = md.get(f"tokenizer.ggml.{k}_token_id")
+            if tid is not None and not (type(tid) is int and 0 <= tid < n):
+                raise ValueError(f"tokenizer.ggml.{k}_token_id is {tid!r}, not an id of the {n}-token vocabulary")
         self.bos_id, self.eos_id, self.pad_id, self.unk_id = (
             md.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "padding", "unknown"))
         self.chat_template: Optional[str] = md.get("tokenizer.chat_template")

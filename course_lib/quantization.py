@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
@@ -35,7 +36,8 @@ from tqdm import tqdm
 from .checking import Case, CheckResult, compare, run_cases
 from .attention import causal_mask
 from .model import ModelArgs, Transformer
-from .weights import GGML_BLOCKS, dequantize_q4_0, dequantize_q4_1, dequantize_q8_0, _meta_to_gguf_name
+from .weights import (GGML_BLOCKS, GGUFFile, dequantize_q4_0, dequantize_q4_1, dequantize_q8_0,
+                                _meta_to_gguf_name, read_gguf)
 
 # %% ../notebooks/08_quantization.ipynb #13330b12
 def _check_matrix(w, name: str = "w", multiple: int = 32) -> torch.Tensor:
@@ -389,8 +391,39 @@ def _safetensors():
     return safetensors.torch
 
 
-def save_quantized(model: Transformer, path) -> Path:
-    "Write a quantize_model()'d model to a safetensors file with its format, ModelArgs and schemes."
+@contextmanager
+def _atomic_file(path, overwrite: bool):
+    """Yield a temporary path beside `path`; when the block ends, fsync it and rename it onto `path` (one atomic
+    step), so a crash, a kill or a full disk leaves the old file as it was. An existing file is replaced only
+    with overwrite=True; the new file gets the mode the umask gives any new file."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise ValueError(f"cannot write {path}: the folder {path.parent} does not exist")
+    if path.exists() and not overwrite:
+        raise ValueError(f"{path} exists; pass overwrite=True to replace it")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)                     # mkstemp's 0600 would hide the model from others
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())                          # the bytes are on disk before the name points at them
+        os.replace(tmp, path)
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)                              # and so is the rename
+        finally:
+            os.close(folder)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_quantized(model: Transformer, path, overwrite: bool = False) -> Path:
+    """Write a quantize_model()'d model to a safetensors file with its format, ModelArgs and schemes. The file
+    appears whole or not at all; an existing one is replaced only with overwrite=True."""
     config = getattr(model, "quant_config", None)
     if config is None:
         raise ValueError("model is not quantized: call quantize_model(model, scheme) first")
@@ -405,7 +438,11 @@ def save_quantized(model: Transformer, path) -> Path:
             "schemes": json.dumps(schemes),
             "shapes": json.dumps({k: list(t.shape) for k, t in tensors.items()})}
     path = Path(path)
-    _safetensors().save_file(tensors, str(path), metadata=meta)
+    with _atomic_file(path, overwrite) as tmp:
+        try:
+            _safetensors().save_file(tensors, str(tmp), metadata=meta)
+        except Exception as e:                            # safetensors reports a full disk as SafetensorError
+            raise OSError(f"writing {path} failed, the old file is untouched: {e}") from None
     return path
 
 
@@ -454,22 +491,28 @@ def load_quantized(path, backend: str = "fast", max_seq_len: Optional[int] = Non
 _FILE_TYPE = {"q8_0": 7, "q4_0": 2, "q4_1": 3}   # gguf.LlamaFileType.MOSTLY_Q8_0 / _Q4_0 / _Q4_1
 
 
-def export_gguf(model: Transformer, path, metadata_from=None) -> Path:
-    "Write a quantize_model()'d model as a llama GGUF file; copy tokenizer/general keys from the GGUF `metadata_from`."
-    import gguf
+def export_gguf(model: Transformer, path, metadata_from=None, overwrite: bool = False) -> Path:
+    """Write a quantize_model()'d model as a llama GGUF file; copy tokenizer/general keys from the GGUF
+    `metadata_from`. The file appears whole or not at all; an existing one is replaced only with overwrite=True."""
     config = getattr(model, "quant_config", None)
     if config is None:
         raise ValueError("model is not quantized: call quantize_model(model, scheme) first")
+    with _atomic_file(path, overwrite) as tmp:
+        _write_gguf(model, config, tmp, metadata_from)
+    return Path(path)
+
+
+def _write_gguf(model: Transformer, config: dict, path: Path, metadata_from) -> None:
+    import gguf
     a = model.args
     w = gguf.GGUFWriter(str(path), "llama")
     if metadata_from is not None:
-        reader = gguf.GGUFReader(str(getattr(metadata_from, "path", metadata_from)))
-        for key, field in reader.fields.items():
-            if key.startswith(("GGUF.", "llama.")) or key in ("general.architecture", "general.file_type"):
+        source = metadata_from if isinstance(metadata_from, GGUFFile) else read_gguf(metadata_from)   # checked
+        for key, value in source.metadata.items():
+            if key.startswith("llama.") or key in ("general.architecture", "general.file_type"):
                 continue
-            vtype = field.types[0]
-            sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-            w.add_key_value(key, field.contents(), vtype, sub)
+            vtype, etype = source.value_types[key]
+            w.add_key_value(key, value, gguf.GGUFValueType(vtype), None if etype is None else gguf.GGUFValueType(etype))
     w.add_context_length(a.max_seq_len); w.add_embedding_length(a.dim); w.add_block_count(a.n_layers)
     w.add_feed_forward_length(a.ffn_hidden_dim); w.add_head_count(a.n_heads); w.add_head_count_kv(a.n_kv_heads)
     w.add_rope_dimension_count(a.head_dim); w.add_rope_freq_base(a.rope_theta)
@@ -486,7 +529,6 @@ def export_gguf(model: Transformer, path, metadata_from=None) -> Path:
         elif not (name == "output.weight" and a.tie_embeddings):
             w.add_tensor(gguf_name, t.detach().float().numpy())
     w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
-    return Path(path)
 
 # %% ../notebooks/08_quantization.ipynb #a9d51299
 def _token_tensor(token_ids) -> torch.Tensor:

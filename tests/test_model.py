@@ -157,8 +157,10 @@ def test_parameter_breakdown():
     (dict(vocab_size=True), r"ModelArgs.vocab_size must be a positive int, got True"),
     (dict(hidden_dim=-5), r"ModelArgs.hidden_dim must be a positive int or None, got -5"),
     (dict(ffn_dim_multiplier=0.0), r"ffn_dim_multiplier must be positive or None, got 0.0"),
-    (dict(norm_eps=0.0), r"norm_eps must be positive, got 0.0"),
-    (dict(rope_theta=-1.0), r"rope_theta must be positive, got -1.0"),
+    (dict(norm_eps=0.0), r"norm_eps must be a positive finite number, got 0.0"),
+    (dict(rope_theta=-1.0), r"rope_theta must be a positive finite number, got -1.0"),
+    (dict(norm_eps=float("inf")), r"norm_eps must be a positive finite number, got inf"),
+    (dict(rope_theta=float("nan")), r"rope_theta must be a positive finite number, got nan"),
 ])
 def test_model_args_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -301,7 +301,8 @@ def test_gguf_bad_files(tmp_path, smollm2_path):
         head = f.read(3_000_000)
     for n in (10, 5000, 3_000_000):
         bad.write_bytes(head[:n])
-        with pytest.raises(ValueError, match="bad.gguf is truncated or corrupt: the GGUF reader failed"):
+        with pytest.raises(ValueError, match=r"bad.gguf is truncated or corrupt: .*(needs \d+ bytes at byte|runs past "
+                                             r"the end of the file|cannot fit in the \d+ bytes left)"):
             read_gguf(bad)
 
 
