@@ -23,7 +23,7 @@ def _load_float(model: str, max_seq_len):
     path = Path(model).expanduser()
     if not path.exists():
         raise ValueError(f"--model {model!r}: no such file; use 'smollm2' or the path of a .gguf file")
-    if path.suffix != ".gguf":
+    if path.suffix.lower() != ".gguf":
         raise ValueError(f"--model {model!r}: expected a .gguf file (or 'smollm2')")
     return load_gguf(path, max_seq_len=max_seq_len)
 
@@ -135,6 +135,9 @@ def _run_chat(a, inp=None, out=None) -> None:
         except ValueError as e:                      # e.g. the conversation outgrew the KV cache
             print(f"error: {e}", file=sys.stderr)
             messages.pop()
+        except KeyboardInterrupt:                    # Ctrl-C stops this answer; the next one at the prompt leaves
+            print("\n(stopped; the question is forgotten)", file=sys.stderr)
+            messages.pop()
 
 
 def _add_chat_command(commands) -> None:
@@ -185,4 +188,7 @@ def main(argv=None) -> int:
     except (FetchError, OSError, ValueError, TypeError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:                        # Ctrl-C: stop quietly, with the shell's usual code
+        print(file=sys.stderr)
+        return 130
     return 0

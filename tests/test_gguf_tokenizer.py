@@ -588,3 +588,36 @@ def test_checkers_on_stubs_and_non_callables():
         assert not r and len(r.failures) == 1 and f"raised NotImplementedError, so {rest}" in str(r)
         with pytest.raises(TypeError):
             checker(42)
+
+
+LONG_ALPHABETS = {"latin letters": "abcdefghijklmnopqrstuvwxyz", "CJK": "".join(map(chr, range(0x4E00, 0x4F00))),
+                  "base64": "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"}
+
+
+@pytest.mark.parametrize("script", LONG_ALPHABETS)
+def test_long_text_without_spaces_equals_transformers_and_grows_linearly(tok, hf_tok, script):
+    "Issue 14: one 100k-character chunk (no spaces) was quadratic; the heap BPE is O(n log n)."
+    import random
+    import time
+    rng = random.Random(0)
+    text = "".join(rng.choice(LONG_ALPHABETS[script]) for _ in range(100_000))
+    tok._cache.clear()
+    assert tok.encode(text) == hf_tok.encode(text, add_special_tokens=False)
+    def seconds(s):
+        tok._cache.clear()
+        t0 = time.perf_counter()
+        tok.encode(s)
+        return time.perf_counter() - t0
+    short, long = min(seconds(text[:20_000]) for _ in range(2)), min(seconds(text) for _ in range(2))
+    assert long < 12 * short, (short, long)          # 5x the text: about 5x the time; quadratic would be 25x
+
+
+def test_apply_merges_heap_equals_apply_merges(tok):
+    import random
+    from course_lib.gguf_tokenizer import apply_merges_heap
+    from course_lib.tokenizer import apply_merges
+    rng = random.Random(3)
+    for _ in range(500):
+        data = list("".join(rng.choice("ab c\u00e9") for _ in range(rng.randrange(0, 80))).encode())
+        assert apply_merges_heap(data, tok.merges) == apply_merges(data, tok.merges), data
+    assert apply_merges_heap([], tok.merges) == [] and apply_merges_heap([97], tok.merges) == [97]

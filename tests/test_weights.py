@@ -474,6 +474,9 @@ def test_meta_checkpoint_bad_files(tmp_path):
     (folder / "params.json").write_text(json.dumps({**json.loads((folder / "params.json").read_text()), "moe": 8}))
     with pytest.raises(ValueError, match=r"params.json: unknown keys \[.moe.\]"):
         load_meta_checkpoint(folder)
+    (folder / "params.json").write_text("{}")                        # issue 14: no silent Llama-2-7B default
+    with pytest.raises(ValueError, match=r"params.json must give dim, n_layers, n_heads; it has \[\]"):
+        load_meta_checkpoint(folder)
     (folder / "params.json").write_text("{not json")
     with pytest.raises(ValueError, match="params.json is not valid JSON"):
         load_meta_checkpoint(folder)
