@@ -845,6 +845,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'course_lib.weights._ggml_type_name': ('weights.html#_ggml_type_name', 'course_lib/weights.py'),
                                     'course_lib.weights._gguf_tensor_infos': ('weights.html#_gguf_tensor_infos', 'course_lib/weights.py'),
                                     'course_lib.weights._gguf_tensors': ('weights.html#_gguf_tensors', 'course_lib/weights.py'),
+                                    'course_lib.weights._hf_weight_files': ('weights.html#_hf_weight_files', 'course_lib/weights.py'),
                                     'course_lib.weights._load_state_dict': ('weights.html#_load_state_dict', 'course_lib/weights.py'),
                                     'course_lib.weights._merge_case': ('weights.html#_merge_case', 'course_lib/weights.py'),
                                     'course_lib.weights._meta_state_dict': ('weights.html#_meta_state_dict', 'course_lib/weights.py'),

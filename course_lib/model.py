@@ -261,6 +261,11 @@ def args_from_hf_config(config, max_seq_len: Optional[int] = None) -> ModelArgs:
                      tie_embeddings=bool(getattr(config, "tie_word_embeddings", False)))
 
 
+_HF_LAYER_PARTS = [f"{m}.weight" for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                                            "mlp.gate_proj", "mlp.down_proj", "mlp.up_proj", "input_layernorm",
+                                            "post_attention_layernorm")]
+
+
 def from_hf(hf_model, max_seq_len: Optional[int] = None, max_bytes: Optional[int] = None) -> Transformer:
     "Build a Transformer from a transformers LlamaForCausalLM: config, weights, q/k permutation, tied embeddings."
     args = args_from_hf_config(hf_model.config, max_seq_len)
@@ -284,6 +289,13 @@ def from_hf(hf_model, max_seq_len: Optional[int] = None, max_bytes: Optional[int
         ours[q + "feed_forward.w3.weight"] = w(p + "mlp.up_proj.weight")
         ours[q + "attention_norm.weight"] = w(p + "input_layernorm.weight")
         ours[q + "ffn_norm.weight"] = w(p + "post_attention_layernorm.weight")
+    used = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"} | {
+        f"model.layers.{i}.{part}" for i in range(args.n_layers) for part in _HF_LAYER_PARTS}
+    unexplained = [k for k in sd if k not in used and not k.endswith("rotary_emb.inv_freq")]
+    if unexplained:                                        # e.g. a 1-layer config over 2-layer weights
+        raise ValueError(f"the Hugging Face weights hold {unexplained[0]!r}"
+                         + (f" and {len(unexplained) - 1} more" if len(unexplained) > 1 else "")
+                         + f", which a model with this config ({args.n_layers} layers) does not have")
     with torch.device("meta"):                             # shapes first; memory only for a model that fits
         expected = Transformer(args).state_dict()
     for name, t in ours.items():

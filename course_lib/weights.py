@@ -589,7 +589,15 @@ def merge_meta_shards(shards: list) -> dict:
             raise ValueError(f"tensor {key!r} is missing from some of the {len(shards)} shards")
         kind = re.sub(r"^layers\.\d+\.|\.weight$", "", key)   # 'layers.3.attention.wq.weight' -> 'attention.wq'
         parts = [s[key] for s in shards]
-        merged[key] = torch.cat(parts, dim=_META_SHARD_DIM[kind]) if kind in _META_SHARD_DIM else parts[0]
+        dim = _META_SHARD_DIM.get(kind)
+        shapes = [tuple(p.shape) for p in parts]
+        if any(len(s) != len(shapes[0]) or any(a != b for d, (a, b) in enumerate(zip(s, shapes[0])) if d != dim)
+               for s in shapes) or (dim is not None and len(shapes[0]) <= dim):
+            raise ValueError(f"tensor {key!r} has shapes {shapes} in the {len(shards)} shards, which do not fit "
+                             f"together" + (f" along dimension {dim}" if dim is not None else " (it is not split)"))
+        if dim is None and not all(torch.equal(p, parts[0]) for p in parts[1:]):
+            raise ValueError(f"tensor {key!r} is not split, so every shard should hold the same copy; they differ")
+        merged[key] = torch.cat(parts, dim=dim) if dim is not None else parts[0]
     return merged
 
 
@@ -635,11 +643,39 @@ def load_meta_checkpoint(ckpt_dir, max_seq_len: Optional[int] = None, max_bytes:
     emb = sd.get("tok_embeddings.weight")
     if emb is None:
         raise ValueError(f"{source} has no tensor 'tok_embeddings.weight', which the model needs")
+    if emb.dim() != 2:
+        raise ValueError(f"{source}: 'tok_embeddings.weight' has shape {tuple(emb.shape)}; it must be (vocab_size, dim)")
     try:
         args = args_from_meta_params(params, emb.shape[0], max_seq_len)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{params_path}: {e}") from None
     return _load_state_dict(args, sd, source, max_bytes=max_bytes)
+
+
+def _hf_weight_files(ckpt_dir: Path) -> tuple:
+    """({tensor: file} from the index, or {}; the files to read), as transformers chooses them: the index if there
+    is one, else model.safetensors. Other *.safetensors in the folder (an old copy, say) are never merged in."""
+    index_path, single = ckpt_dir / "model.safetensors.index.json", ckpt_dir / "model.safetensors"
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{index_path} is not a safetensors index (a JSON object with a weight_map): "
+                             f"{type(e).__name__}: {e}") from None
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(k, str) and isinstance(f, str) and f == Path(f).name for k, f in weight_map.items()):
+            raise ValueError(f"{index_path}: weight_map must map tensor names to file names in the same folder")
+        files = sorted({ckpt_dir / f for f in weight_map.values()})
+        absent = [f for f in files if not f.is_file()]
+        if absent:
+            raise FileNotFoundError(f"{absent[0]} is not a file, but {index_path.name} lists it")
+        return weight_map, files
+    if single.is_file():
+        return {}, [single]
+    others = sorted(p.name for p in ckpt_dir.glob("*.safetensors"))
+    raise FileNotFoundError(f"no model.safetensors (or model.safetensors.index.json) in {ckpt_dir}"
+                            + (f"; {', '.join(others)} would not be read by transformers either" if others
+                               else " (pickled pytorch_model.bin files are not read)"))
 
 
 def load_hf_checkpoint(ckpt_dir, max_seq_len: Optional[int] = None, max_bytes: Optional[int] = None) -> Transformer:
@@ -658,15 +694,10 @@ def load_hf_checkpoint(ckpt_dir, max_seq_len: Optional[int] = None, max_bytes: O
         config = SimpleNamespace(**json.loads(config_path.read_text()))
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
         raise ValueError(f"{config_path} is not a JSON object: {e}") from e
+    weight_map, files = _hf_weight_files(ckpt_dir)
     index_path = ckpt_dir / "model.safetensors.index.json"
-    weight_map = json.loads(index_path.read_text())["weight_map"] if index_path.is_file() else {}
-    files = sorted({ckpt_dir / f for f in weight_map.values()}) if weight_map else sorted(ckpt_dir.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors file in {ckpt_dir} (pickled pytorch_model.bin files are not read)")
     sd = {}
     for f in files:
-        if not f.is_file():
-            raise FileNotFoundError(f"{f} not found, but {index_path.name} lists it")
         try:
             with safe_open(f, framework="pt") as st:
                 for key in st.keys():
@@ -676,6 +707,9 @@ def load_hf_checkpoint(ckpt_dir, max_seq_len: Optional[int] = None, max_bytes: O
     missing = [k for k, f in weight_map.items() if k not in sd]
     if missing:
         raise ValueError(f"{index_path} lists {missing[0]!r} in {weight_map[missing[0]]}, which does not hold it")
+    unlisted = [k for k in sd if weight_map and k not in weight_map]
+    if unlisted:
+        raise ValueError(f"{index_path} does not list {unlisted[0]!r}, which a listed file holds")
     try:
         return from_hf(SimpleNamespace(config=config, state_dict=lambda: sd), max_seq_len, max_bytes)
     except AttributeError as e:

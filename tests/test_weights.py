@@ -534,7 +534,7 @@ def test_hf_checkpoint_bad_files(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"model.safetensors is truncated or not a safetensors file"):
         load_hf_checkpoint(tmp_path)
     st.unlink()
-    with pytest.raises(FileNotFoundError, match=r"no \*.safetensors file in"):
+    with pytest.raises(FileNotFoundError, match=r"no model.safetensors \(or model.safetensors.index.json\) in .*pickled"):
         load_hf_checkpoint(tmp_path)
     (tmp_path / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"config.json not found: a Hugging Face checkpoint folder"):
@@ -774,3 +774,60 @@ def test_check_merge_meta_shards():
     assert not r and "is replicated" in str(r)
     r = check_merge_meta_shards(lambda shards: {k: v for k, v in merge_meta_shards(shards).items() if k != "rope.freqs"})
     assert not r and "has no 'rope.freqs'" in str(r)
+
+
+def test_hf_folder_loads_what_transformers_loads(tmp_path):
+    "Issue 14: the index or model.safetensors, never a stray file; no tensor the config does not explain."
+    import json as _json
+    from safetensors.torch import save_file
+    hf = make_hf()
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    sd = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    stray = {k: torch.zeros_like(v) for k, v in sd.items()}
+    save_file(stray, tmp_path / "old-copy.safetensors")             # transformers ignores it; so must we
+    x = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (load_hf_checkpoint(tmp_path)(x) - hf(x).logits).abs().max().item() <= 1e-4
+    (tmp_path / "model.safetensors").rename(tmp_path / "weights.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"no model.safetensors .*old-copy.safetensors, weights.safetensors "
+                                                 r"would not be read by transformers either"):
+        load_hf_checkpoint(tmp_path)
+    (tmp_path / "weights.safetensors").rename(tmp_path / "model.safetensors")
+    config = _json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(_json.dumps({**config, "num_hidden_layers": 1}))
+    with pytest.raises(ValueError, match=r"weights hold 'model.layers.1.input_layernorm.weight' and 8 more, which a "
+                                         r"model with this config \(1 layers\) does not have"):
+        load_hf_checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text(_json.dumps(config))
+    index = tmp_path / "model.safetensors.index.json"
+    for text, message in [("[1, 2]", "is not a safetensors index"),
+                          ('{"metadata": {}}', "is not a safetensors index .*KeyError"),
+                          (_json.dumps({"weight_map": {k: "../model.safetensors" for k in sd}}), "file names in the same folder"),
+                          (_json.dumps({"weight_map": {k: "model.safetensors" for k in list(sd)[:-1]}}),
+                           f"does not list {list(sd)[-1]!r}")]:
+        index.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            load_hf_checkpoint(tmp_path)
+    index.write_text(_json.dumps({"weight_map": {k: "gone.safetensors" for k in sd}}))
+    with pytest.raises(FileNotFoundError, match="gone.safetensors is not a file, but model.safetensors.index.json lists it"):
+        load_hf_checkpoint(tmp_path)
+
+
+def test_meta_shards_that_disagree_and_a_flat_embedding_are_named(tmp_path):
+    hf = bf16_hf(intermediate_size=192)
+    folder = write_meta(tmp_path / "m", hf, META_CASES["gqa"][1], n_shards=2)
+    shard = folder / "consolidated.01.pth"
+    sd = torch.load(shard, weights_only=True)
+    good = dict(sd)
+    sd["layers.0.attention.wq.weight"] = sd["layers.0.attention.wq.weight"][:, :8]
+    torch.save(sd, shard)
+    with pytest.raises(ValueError, match=r"'layers.0.attention.wq.weight' has shapes .* do not fit together along dimension 0"):
+        load_meta_checkpoint(folder)
+    torch.save({**good, "norm.weight": good["norm.weight"] + 1}, shard)
+    with pytest.raises(ValueError, match=r"'norm.weight' is not split, so every shard should hold the same copy"):
+        load_meta_checkpoint(folder)
+    one = write_meta(tmp_path / "one", hf, META_CASES["gqa"][1])
+    sd = torch.load(one / "consolidated.00.pth", weights_only=True)
+    torch.save({**sd, "tok_embeddings.weight": torch.tensor(1.0)}, one / "consolidated.00.pth")
+    with pytest.raises(ValueError, match=r"'tok_embeddings.weight' has shape \(\); it must be \(vocab_size, dim\)"):
+        load_meta_checkpoint(one)
