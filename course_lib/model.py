@@ -57,7 +57,8 @@ class ModelArgs:
         if self.hidden_dim is not None and (not isinstance(self.hidden_dim, int)
                                             or isinstance(self.hidden_dim, bool) or self.hidden_dim <= 0):
             raise ValueError(f"ModelArgs.hidden_dim must be a positive int or None, got {self.hidden_dim!r}")
-        if self.ffn_dim_multiplier is not None and not self.ffn_dim_multiplier > 0:
+        if self.ffn_dim_multiplier is not None and (isinstance(self.ffn_dim_multiplier, bool) or not isinstance(
+                self.ffn_dim_multiplier, (int, float)) or not 0 < self.ffn_dim_multiplier < math.inf):
             raise ValueError(f"ModelArgs.ffn_dim_multiplier must be positive or None, got {self.ffn_dim_multiplier!r}")
         for name in ("norm_eps", "rope_theta"):                # inf would zero every logit; nan poisons them
             value = getattr(self, name)

@@ -161,6 +161,7 @@ def test_parameter_breakdown():
     (dict(rope_theta=-1.0), r"rope_theta must be a positive finite number, got -1.0"),
     (dict(norm_eps=float("inf")), r"norm_eps must be a positive finite number, got inf"),
     (dict(rope_theta=float("nan")), r"rope_theta must be a positive finite number, got nan"),
+    (dict(ffn_dim_multiplier="1.3"), r"ffn_dim_multiplier must be positive or None, got '1.3'"),
 ])
 def test_model_args_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
