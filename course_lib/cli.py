@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .generation import METHODS, GenerationStats, generate_stream
+from .generation import METHODS, GenerationStats, _check_seed, generate_stream, sampling_settings
 from .gguf_tokenizer import load_gguf, load_smollm2
 from .weights import FetchError, _add_fetch_command
 
@@ -19,7 +19,7 @@ DEVICE_CHOICES = ("cpu", "cuda")
 
 def _load_float(model: str, max_seq_len):
     if model == "smollm2":
-        return load_smollm2(max_seq_len=max_seq_len) if max_seq_len else load_smollm2()
+        return load_smollm2(max_seq_len=max_seq_len) if max_seq_len is not None else load_smollm2()
     path = Path(model).expanduser()
     if not path.exists():
         raise ValueError(f"--model {model!r}: no such file; use 'smollm2' or the path of a .gguf file")
@@ -44,6 +44,8 @@ def load_model(model: str = "smollm2", max_seq_len=None, quant: str = "none", de
         raise ValueError(f"--quant must be one of {', '.join(QUANT_CHOICES)}, got {quant!r}")
     if device not in DEVICE_CHOICES:
         raise ValueError(f"--device must be one of {', '.join(DEVICE_CHOICES)}, got {device!r}")
+    if max_seq_len is not None and max_seq_len < 1:
+        raise ValueError(f"--max-seq-len must be >= 1, got {max_seq_len}")
     if device == "cuda":
         _check_cuda(quant)                                              # before the model is loaded
     float_model, tokenizer = _load_float(model, max_seq_len)
@@ -77,6 +79,14 @@ def _sampling(a) -> dict:
     return dict(method=a.method, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p, seed=a.seed)
 
 
+def _check_options(a) -> None:
+    "Bad options fail once, before the model loads (in chat, not again at every message)."
+    sampling_settings(a.method, a.temperature, a.top_k, a.top_p, a.min_p)
+    _check_seed(a.seed)
+    if a.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {a.max_new_tokens}")
+
+
 def _stream(model, tokenizer, prompt: str, a, out) -> str:
     "Generate, writing text to `out` as it comes (generate_stream holds back split UTF-8 characters); return it."
     n_prompt = len(tokenizer.encode(prompt))
@@ -96,6 +106,7 @@ def _stream(model, tokenizer, prompt: str, a, out) -> str:
 
 def _run_generate(a, out=None) -> None:
     out = out or sys.stdout   # looked up at call time, so redirections apply
+    _check_options(a)
     model, tokenizer = load_model(a.model, a.max_seq_len, a.quant, a.device)
     prompt = a.prompt
     if a.chat_template:
@@ -113,9 +124,15 @@ def _add_generate_command(commands) -> None:
 # %% ../notebooks/07d_cli.ipynb #4e731da0
 def _run_chat(a, inp=None, out=None) -> None:
     out = out or sys.stdout
+    _check_options(a)
     model, tokenizer = load_model(a.model, a.max_seq_len, a.quant, a.device)
     read = inp or (lambda: input("you> "))
     messages = [{"role": "system", "content": a.system}] if a.system else []
+    if messages:                                 # a system message that fills the cache would fail every turn
+        n = len(tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True)))
+        if n >= model.args.max_seq_len:
+            raise ValueError(f"--system: the system message takes {n} tokens and the model holds "
+                             f"{model.args.max_seq_len}; shorten it or raise --max-seq-len")
     print("chat with the model: /reset forgets the conversation, /quit or Ctrl-D leaves", file=sys.stderr)
     while True:
         try:
@@ -124,6 +141,8 @@ def _run_chat(a, inp=None, out=None) -> None:
             break
         if text.strip() == "/quit":
             break
+        if not text.strip():                     # an empty line asks nothing
+            continue
         if text.strip() == "/reset":
             messages = messages[:1] if a.system else []
             continue
@@ -151,8 +170,6 @@ def _run_grade(a, out=None) -> None:
     out = out or sys.stdout
     from course_lib import grading                      # chapter 10: imported when the command runs
     hw = grading.get_homework(a.homework)                # unknown homework: ValueError, one line
-    if a.timeout <= 0 or a.memory_mb <= 0:
-        raise ValueError(f"--timeout and --memory-mb must be > 0, got {a.timeout:g} and {a.memory_mb:g}")
     hide = None if not a.hide else grading._hidden(a.submissions) + [Path(p) for p in a.hide]
     results = grading.grade(hw, a.submissions, csv_path=a.csv or f"grades-{hw.name}.csv",
                             timeout=a.timeout, memory_mb=a.memory_mb, out=out, hide=hide,
@@ -187,6 +204,9 @@ def main(argv=None) -> int:
         args.run(args)
     except (FetchError, OSError, ValueError, TypeError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print("error: out of memory; try a smaller --max-seq-len or --quant", file=sys.stderr)
         return 1
     except KeyboardInterrupt:                        # Ctrl-C: stop quietly, with the shell's usual code
         print(file=sys.stderr)

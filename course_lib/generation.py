@@ -123,7 +123,7 @@ def _keep_first(ids: torch.Tensor, keep_sorted: torch.Tensor) -> torch.Tensor:
 def top_k_filter(probs: torch.Tensor, top_k: int) -> torch.Tensor:
     "Keep the top_k most likely tokens (lower ids first among ties), zero the others, renormalize. (vocab,) or (batch, vocab)."
     _check_probs(probs)
-    k = _check_top_k(top_k)                                           # k > vocab keeps everything
+    k = min(_check_top_k(top_k), probs.shape[-1])                     # k > vocab keeps everything
     sorted_p, ids = _ranked(probs)                                    # (..., vocab)
     rank = torch.arange(probs.shape[-1], device=probs.device)         # (vocab,)
     return _renormalize(probs, _keep_first(ids, (rank < k).expand_as(sorted_p)))
@@ -298,6 +298,14 @@ def decoder_device(model) -> torch.device:
                     f"model(tokens, start_pos, last_only=True) -> logits), got {type(model).__name__}")
 
 
+def _check_seed(seed) -> None:
+    "A seed is None or an int that torch.Generator.manual_seed takes: 0 <= seed < 2**64."
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"seed must be an int or None, got {seed!r}")
+    if seed is not None and not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be between 0 and 2**64 - 1, got {seed}")
+
+
 def generate_tokens(model: Transformer, prompt_ids, max_new_tokens: int, method: str = "greedy",
                     temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
                     min_p: Optional[float] = None, seed: Optional[int] = None, eos_id: Optional[int] = None,
@@ -316,10 +324,7 @@ def generate_tokens(model: Transformer, prompt_ids, max_new_tokens: int, method:
     eos_id = _optional_id("eos_id", eos_id, vocab_size)
     if repetition_penalty is not None and not _real("repetition_penalty", repetition_penalty) > 0:
         raise ValueError(f"repetition_penalty must be > 0 (1.0 changes nothing), got {repetition_penalty!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise TypeError(f"seed must be an int or None, got {seed!r}")
-    if seed is not None and not 0 <= seed < 2**64:              # what torch.Generator.manual_seed takes
-        raise ValueError(f"seed must be between 0 and 2**64 - 1, got {seed}")
+    _check_seed(seed)
     if stats is not None and not isinstance(stats, GenerationStats):
         raise TypeError(f"stats must be a GenerationStats or None, got {type(stats).__name__}")
     generator = None

@@ -9,6 +9,7 @@ __all__ = ['ATTENTION', 'SHARED', 'DECODING', 'Q5_0', 'HOMEWORKS', 'SKIP_MARK', 
 # %% ../notebooks/10_grading.ipynb #b5a1b19e
 import csv
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -649,6 +650,28 @@ def write_csv(results: list, path) -> Path:
     return path
 
 
+def _check_grade_options(submissions, csv_path, timeout, memory_mb, hide) -> None:
+    "Mistakes in the grading command fail at once, not after a class has been graded (or with solutions visible)."
+    for name, value in (("timeout", timeout), ("memory_mb", memory_mb)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a number, got {value!r}")
+        if not 0 < value < math.inf:                      # nan and inf too: a limit must be a number
+            raise ValueError(f"{name} must be positive and finite, got {value:g}")
+    absent = [p for p in hide if not Path(p).exists()]
+    if absent:                                            # a typo must not leave the solutions readable
+        raise ValueError(f"hide: {absent[0]} does not exist")
+    seen = {}
+    for p in map(Path, submissions):
+        if p.stem in seen:                                 # one row per student: two files cannot share a name
+            raise ValueError(f"{seen[p.stem]} and {p} would both be graded as student {p.stem!r}")
+        seen[p.stem] = p
+    if csv_path is not None:
+        csv_path = Path(csv_path)
+        if csv_path.is_dir() or not csv_path.parent.is_dir():
+            raise ValueError(f"cannot write the grades to {csv_path}: "
+                             + ("it is a folder" if csv_path.is_dir() else f"{csv_path.parent} is not a folder"))
+
+
 def grade(homework, submissions, csv_path=None, timeout: float = 60, memory_mb: float = 4096,
           out=None, progress: bool = False, hide=None) -> list:
     """Grade every submission, each in its own sandbox; print the table (and, once, any isolation guarantee this
@@ -656,6 +679,7 @@ def grade(homework, submissions, csv_path=None, timeout: float = 60, memory_mb: 
     hw = get_homework(homework)
     submissions = list(submissions)
     hide = _hidden(submissions) if hide is None else hide
+    _check_grade_options(submissions, csv_path, timeout, memory_mb, hide)    # before anyone is graded
     bar = tqdm(submissions, desc=f"grading {hw.name}", unit="submission", disable=not progress, file=sys.stderr)
     results = [grade_submission(hw, p, timeout=timeout, memory_mb=memory_mb, hide=hide) for p in bar]
     if out is not None:

@@ -60,6 +60,8 @@ class ModelArgs:
         if self.ffn_dim_multiplier is not None and (isinstance(self.ffn_dim_multiplier, bool) or not isinstance(
                 self.ffn_dim_multiplier, (int, float)) or not 0 < self.ffn_dim_multiplier < math.inf):
             raise ValueError(f"ModelArgs.ffn_dim_multiplier must be positive or None, got {self.ffn_dim_multiplier!r}")
+        if not isinstance(self.tie_embeddings, bool):       # bool("no") is True
+            raise ValueError(f"ModelArgs.tie_embeddings must be True or False, got {self.tie_embeddings!r}")
         for name in ("norm_eps", "rope_theta"):                # inf would zero every logit; nan poisons them
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
@@ -234,32 +236,54 @@ def guard_model_size(args: ModelArgs, max_bytes: Optional[int] = None) -> None:
 def _hf_rope_theta(config) -> float:
     params = getattr(config, "rope_parameters", None) or {}
     scaling = getattr(config, "rope_scaling", None) or {}
+    if not isinstance(params, dict) or not isinstance(scaling, dict):
+        raise ValueError(f"the config's rope_parameters and rope_scaling must be objects, got {params!r}, {scaling!r}")
     rope_type = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
     if rope_type not in (None, "default"):
         raise ValueError(f"RoPE type {rope_type!r} is not supported; this course implements plain RoPE")
     theta = params.get("rope_theta", getattr(config, "rope_theta", None))
-    return float(theta if theta is not None else 10000.0)
+    theta = 10000.0 if theta is None else theta
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not 0 < theta < math.inf:
+        raise ValueError(f"the config's rope_theta must be a positive finite number, got {theta!r}")
+    return float(theta)
+
+
+def _hf_size(config, name: str, optional: bool = False):
+    "A positive int field of a HF config (None if optional and absent); errors use HF's name, as config.json does."
+    value = getattr(config, name, None)
+    if value is None and optional:
+        return None
+    if value is None:
+        raise ValueError(f"the config has no {name}")
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"the config's {name} must be a positive integer, got {value!r}")
+    return value
 
 
 def args_from_hf_config(config, max_seq_len: Optional[int] = None) -> ModelArgs:
     "ModelArgs from a transformers LlamaConfig."
     if getattr(config, "model_type", "llama") != "llama":
         raise ValueError(f"expected a Llama config, got model_type={config.model_type!r}")
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    if head_dim * config.num_attention_heads != config.hidden_size:
-        raise ValueError(f"head_dim={head_dim} × num_attention_heads={config.num_attention_heads} "
-                         f"!= hidden_size={config.hidden_size}; not supported")
+    dim, n_heads = _hf_size(config, "hidden_size"), _hf_size(config, "num_attention_heads")
+    head_dim = _hf_size(config, "head_dim", optional=True) or dim // n_heads
+    if head_dim * n_heads != dim:
+        raise ValueError(f"head_dim={head_dim} × num_attention_heads={n_heads} != hidden_size={dim}; not supported")
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
         raise ValueError("attention or MLP biases are not supported (Llama has none)")
     if getattr(config, "hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act={config.hidden_act!r} is not supported; Llama uses silu")
-    return ModelArgs(dim=config.hidden_size, n_layers=config.num_hidden_layers,
-                     n_heads=config.num_attention_heads,
-                     n_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-                     vocab_size=config.vocab_size, hidden_dim=config.intermediate_size,
-                     norm_eps=config.rms_norm_eps, rope_theta=_hf_rope_theta(config),
-                     max_seq_len=max_seq_len or config.max_position_embeddings,
-                     tie_embeddings=bool(getattr(config, "tie_word_embeddings", False)))
+    tie = getattr(config, "tie_word_embeddings", None)
+    if tie not in (True, False, None):                     # bool("no") is True: a string must not tie weights
+        raise ValueError(f"the config's tie_word_embeddings must be true or false, got {tie!r}")
+    norm_eps = getattr(config, "rms_norm_eps", None)
+    if isinstance(norm_eps, bool) or not isinstance(norm_eps, (int, float)) or not 0 < norm_eps < math.inf:
+        raise ValueError(f"the config's rms_norm_eps must be a positive finite number, got {norm_eps!r}")
+    return ModelArgs(dim=dim, n_layers=_hf_size(config, "num_hidden_layers"), n_heads=n_heads,
+                     n_kv_heads=_hf_size(config, "num_key_value_heads", optional=True) or n_heads,
+                     vocab_size=_hf_size(config, "vocab_size"), hidden_dim=_hf_size(config, "intermediate_size"),
+                     norm_eps=norm_eps, rope_theta=_hf_rope_theta(config),
+                     max_seq_len=max_seq_len or _hf_size(config, "max_position_embeddings"),
+                     tie_embeddings=bool(tie))
 
 
 _HF_LAYER_PARTS = [f"{m}.weight" for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -271,7 +295,12 @@ def from_hf(hf_model, max_seq_len: Optional[int] = None, max_bytes: Optional[int
     "Build a Transformer from a transformers LlamaForCausalLM: config, weights, q/k permutation, tied embeddings."
     args = args_from_hf_config(hf_model.config, max_seq_len)
     guard_model_size(args, max_bytes)
-    sd = {k: v.detach().float() for k, v in hf_model.state_dict().items()}
+    sd = hf_model.state_dict()
+    not_float = [k for k, v in sd.items() if not v.is_floating_point()]
+    if not_float:                                          # .float() would make numbers of integers or bools
+        raise ValueError(f"the Hugging Face tensor {not_float[0]!r} is {sd[not_float[0]].dtype}; weights must be "
+                         f"floating point")
+    sd = {k: v.detach().float() for k, v in sd.items()}
     def w(name):
         if name not in sd:
             raise ValueError(f"the Hugging Face model has no tensor {name!r}")

@@ -23,7 +23,7 @@ import sys
 import tempfile
 import threading
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Optional
 
@@ -452,6 +452,8 @@ def load_quantized(path, backend: str = "fast", max_seq_len: Optional[int] = Non
     _safetensors()
     from safetensors import safe_open
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; save_quantized writes a quantized model as one .safetensors file")
     if not path.is_file():
         raise FileNotFoundError(f"quantized model not found: {path}")
     try:
@@ -467,8 +469,11 @@ def load_quantized(path, backend: str = "fast", max_seq_len: Optional[int] = Non
         raise ValueError(f"{path} has format_version={meta.get('format_version')!r}; this course_lib reads "
                          f"version {QUANT_FORMAT_VERSION}")
     try:
-        args = ModelArgs(**{**json.loads(meta["model_args"]), **({} if max_seq_len is None else
-                                                                 {"max_seq_len": max_seq_len})})
+        stored = json.loads(meta["model_args"])
+        absent = sorted({f.name for f in fields(ModelArgs)} - set(stored))
+        if absent:                                        # save_quantized writes every field: no silent defaults
+            raise ValueError(f"model_args lacks {', '.join(absent)}")
+        args = ModelArgs(**{**stored, **({} if max_seq_len is None else {"max_seq_len": max_seq_len})})
         config, file_schemes = json.loads(meta["quant_config"]), json.loads(meta["schemes"])
         scheme = _check_scheme(config["scheme"])
         output_scheme = config["output_scheme"] and _check_scheme(config["output_scheme"], "output_scheme")

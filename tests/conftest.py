@@ -28,3 +28,11 @@ def bounds_checked():
 def backend(request, bounds_checked):
     "Where the kernels run: the CPU emulator (bounds-checked) everywhere, CuPy where there is a GPU."
     return cuda.get_backend(request.param)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`-n 2 --dist loadgroup`), every notebook cell runs on one worker, in order and in one
+    kernel, while the unit tests share the others: a notebook's cells depend on each other, the tests do not."""
+    for item in items:
+        if str(item.path).endswith(".ipynb"):
+            item.add_marker(pytest.mark.xdist_group("notebooks"))

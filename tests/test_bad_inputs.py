@@ -74,3 +74,49 @@ def test_gguf_loader_takes_max_bytes(tmp_path):
     from course_lib import fetch_smollm2
     with pytest.raises(ValueError, match=r"SmolLM2-135M-Instruct.Q4_1.gguf: a Transformer .* more than the 0.0977 GiB"):
         load_gguf_model(fetch_smollm2(progress=False), max_bytes=100 * 2**20)
+
+
+def test_folders_and_files_in_the_wrong_place_are_named(tmp_path, saved):
+    from course_lib import load_hf_checkpoint, read_gguf
+    (tmp_path / "x.gguf").mkdir()
+    with pytest.raises(ValueError, match=r"x.gguf is a folder, not a GGUF file"):
+        read_gguf(tmp_path / "x.gguf")
+    with pytest.raises(ValueError, match=r"is a folder; save_quantized writes a quantized model as one"):
+        load_quantized(tmp_path)
+    with pytest.raises(ValueError, match=r"m.safetensors is a file; load_hf_checkpoint takes the folder"):
+        load_hf_checkpoint(saved)
+    hf = tmp_path / "hf"
+    (hf / "model.safetensors").mkdir(parents=True)
+    (hf / "config.json").write_text(json.dumps(dict(
+        model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128, vocab_size=256, max_position_embeddings=32, rms_norm_eps=1e-5)))
+    with pytest.raises(ValueError, match=r"model.safetensors is a folder; transformers reads model.safetensors as one file"):
+        load_hf_checkpoint(hf)
+
+
+def test_hf_sizes_are_checked_before_any_weight_is_read(tmp_path, monkeypatch):
+    "The config's model, then the weight files themselves, against max_bytes: before safetensors reads a byte."
+    import course_lib.weights as weights
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    config = dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=128, vocab_size=256, max_position_embeddings=32,
+                  rms_norm_eps=1e-5)
+    (hf / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 2**20}))
+    (hf / "model.safetensors").write_bytes(b"\0" * 600_000)     # the model itself needs about 445 kB
+    monkeypatch.setattr("safetensors.safe_open", lambda *a, **k: pytest.fail("read a weight file"))
+    with pytest.raises(ValueError, match=r"config.json: a Transformer with .*n_layers=1048576.*GiB, more than"):
+        weights.load_hf_checkpoint(hf)
+    (hf / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"the weight files hold 0.000559 GiB, more than the 0.000466 GiB allowed"):
+        weights.load_hf_checkpoint(hf, max_bytes=500_000)
+
+
+def test_meta_shards_are_not_merged_for_a_model_too_big(tmp_path, monkeypatch):
+    import course_lib.weights as weights
+    torch.save({"tok_embeddings.weight": torch.zeros(256, 32)}, tmp_path / "consolidated.00.pth")
+    torch.save({"tok_embeddings.weight": torch.zeros(256, 32)}, tmp_path / "consolidated.01.pth")
+    (tmp_path / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 2**20, "n_heads": 4, "vocab_size": -1}))
+    monkeypatch.setattr(weights, "merge_meta_shards", lambda shards: pytest.fail("merged the shards"))
+    with pytest.raises(ValueError, match=r"n_layers=1048576.*GiB, more than"):
+        weights.load_meta_checkpoint(tmp_path)

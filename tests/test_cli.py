@@ -174,3 +174,77 @@ def test_ctrl_c_stops_the_answer_then_the_chat(loaded, capsys, monkeypatch):
     monkeypatch.setattr(cli, "_run_generate", ctrl_c)
     assert cli.main(["generate", "hi"]) == 130
     assert "Traceback" not in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- issue 14: every bad input is one line, no traceback
+
+G = ["generate", "hi", "--max-new-tokens", "2", "--no-stats"]
+C = ["chat", "--max-new-tokens", "2", "--no-stats"]
+
+
+def _bad_inputs(tmp):
+    (tmp / "junk.gguf").write_bytes(b"hello, not a gguf")
+    (tmp / "folder.gguf").mkdir()
+    (tmp / "sub.py").write_text("def f(:\n")
+    sub = str(tmp / "sub.py")
+    return [   # (argv, stdin, part of the message)
+        (G + ["--max-new-tokens", "-1"], "", "--max-new-tokens must be >= 0, got -1"),
+        (G + ["--method", "temperature", "--temperature", "nan"], "", "temperature must be a finite real number"),
+        (G + ["--method", "temperature", "--temperature", "0"], "", "temperature must be > 0"),
+        (G + ["--method", "top_k", "--top-k", "0"], "", "top_k must be >= 1"),
+        (G + ["--method", "top_p", "--top-p", "nan"], "", "top_p must be a finite real number"),
+        (G + ["--method", "min_p", "--min-p", "2"], "", "min_p must be in [0, 1]"),
+        (G + ["--top-k", "5"], "", "top_k=5 is not used by method='greedy'"),
+        (G + ["--seed", "-1"], "", "seed must be between 0 and 2**64 - 1"),
+        (G + ["--max-seq-len", "0"], "", "--max-seq-len must be >= 1, got 0"),
+        (G + ["--max-seq-len", "1"], "", "the prompt has 1 tokens, the model holds 1"),
+        (G + ["--model", ""], "", "expected a .gguf file"),
+        (G + ["--model", str(tmp / "junk.gguf")], "", "is not a GGUF file"),
+        (G + ["--model", str(tmp / "folder.gguf")], "", "is a folder, not a GGUF file"),
+        (G + ["--model", sub], "", "expected a .gguf file"),
+        (["generate", "", "--no-stats"], "", "prompt_ids is empty"),
+        (["generate", "a\udcff", "--no-stats"], "", "not valid Unicode"),
+        (C + ["--method", "top_p", "--top-p", "2"], "hi\n", "top_p must be in (0, 1]"),
+        (C + ["--max-seq-len", "32", "--system", "x " * 100], "hi\n", "--system: the system message takes"),
+        (C + ["--model", str(tmp / "folder.gguf")], "hi\n", "is a folder"),
+        (["fetch", "--quiet", "--cache-dir", sub], "", "is a file; give a folder"),
+        (["grade", "attention", sub, "--timeout", "nan"], "", "timeout must be positive and finite, got nan"),
+        (["grade", "attention", sub, "--memory-mb", "inf"], "", "memory_mb must be positive and finite, got inf"),
+        (["grade", "attention", sub, "--csv", str(tmp)], "", "it is a folder"),
+        (["grade", "attention", sub, "--csv", str(tmp / "no" / "g.csv")], "", "is not a folder"),
+        (["grade", "attention", sub, "--hide", str(tmp / "typo")], "", "typo does not exist"),
+        (["grade", "attention", sub, str(tmp / "no" / "sub.py")], "", "would both be graded as student 'sub'"),
+    ]
+
+
+def test_bad_inputs_are_one_line_without_a_traceback(tmp_path, capsys, monkeypatch):
+    "Every case fails before grading or generating anything, with exit code 1 and one line naming the problem."
+    import io
+    failures = []
+    for argv, stdin, message in _bad_inputs(tmp_path):
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        try:
+            code = cli.main(argv)
+        except BaseException as e:                                   # noqa: BLE001 - any escape is the failure
+            failures.append((argv[:1] + argv[-2:], f"escaped {type(e).__name__}: {e}"))
+            continue
+        captured = capsys.readouterr()
+        lines = [l for l in captured.err.splitlines() if not l.startswith("chat with the model")]
+        if code != 1 or len(lines) != 1 or not lines[0].startswith("error: ") or message not in lines[0]:
+            failures.append((argv[:1] + argv[-2:], code, captured.err[-300:]))
+        assert not list(tmp_path.glob("*.csv")) and not (tmp_path / "grades-attention.csv").exists()
+    assert not failures, "\n".join(map(str, failures))
+
+
+def test_huge_top_k_keeps_every_token(loaded, capsys):
+    "top_k beyond the vocabulary keeps everything (it was an OverflowError past 2**63)."
+    assert cli.main(G + ["--method", "top_k", "--top-k", str(2**70), "--seed", "1"]) == 0
+
+
+def test_chat_skips_empty_lines(loaded, capsys):
+    lines = iter(["", "   ", "/quit"])
+    ns = argparse.Namespace(model="smollm2", max_seq_len=None, system=None, max_new_tokens=2, method="greedy",
+                            temperature=1.0, top_k=None, top_p=None, min_p=None, seed=None, stats=False,
+                            quant="none", device="cpu")
+    cli._run_chat(ns, inp=lambda: next(lines))
+    assert "model>" not in capsys.readouterr().out
