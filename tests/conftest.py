@@ -3,6 +3,10 @@ import os
 
 import pytest
 
+# Under pytest-xdist two workers share the 2 cores: OpenMP threads that spin while they wait (the C decode step
+# of chapter 08) would take the other worker's core. Set before any library starts its threads; kernels inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import course_lib.cuda as cuda
 
 GPU_OK, GPU_WHY = cuda.gpu_available()
@@ -29,10 +33,3 @@ def backend(request, bounds_checked):
     "Where the kernels run: the CPU emulator (bounds-checked) everywhere, CuPy where there is a GPU."
     return cuda.get_backend(request.param)
 
-
-def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`-n 2 --dist loadgroup`), every notebook cell runs on one worker, in order and in one
-    kernel, while the unit tests share the others: a notebook's cells depend on each other, the tests do not."""
-    for item in items:
-        if str(item.path).endswith(".ipynb"):
-            item.add_marker(pytest.mark.xdist_group("notebooks"))

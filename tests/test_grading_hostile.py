@@ -95,8 +95,16 @@ def graded(tmp_path_factory, oracle):
     files = ([HOSTILE / f"{a}.py" for a in ATTACKS] + [tmp / "network_cheat.py", tmp / "write_outside.py",
              tmp / "=HYPERLINK(0).py", SOLUTION])
     csv_path = tmp / "grades.csv"
-    results = grading.grade("quantization", files, csv_path=csv_path, timeout=20, memory_mb=2048)
-    alive = _living(b"COURSE_SANDBOX=") + _living(b"escaped-submission-7f3a")
+    tokens, start = [], Sandbox.start                     # this run's sandboxes (another test may run its own)
+    def recording_start(self):
+        start(self)
+        tokens.append(self.token)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Sandbox, "start", recording_start)
+        results = grading.grade("quantization", files, csv_path=csv_path, timeout=20, memory_mb=2048)
+    assert len(tokens) >= len(files)
+    alive = [pid for t in tokens for pid in _living(f"COURSE_SANDBOX={t}".encode())]
+    alive += _living(b"escaped-submission-7f3a")
     return {"results": {r.student: r for r in results}, "target": target, "csv": csv_path, "alive": alive}
 
 

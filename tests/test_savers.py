@@ -85,3 +85,12 @@ def test_a_write_stopped_partway_leaves_the_old_file(tmp_path, saver, how):
     else:                                     # a kill cannot: hidden partial files (safetensors keeps its own too)
         assert any(p.startswith(f".{name}.") and p.endswith(".partial") for p in leftovers)
         assert all(p.startswith(".") for p in leftovers)
+
+
+def test_export_gguf_reads_metadata_from_through_the_checked_reader(tmp_path):
+    "A corrupt metadata_from is a ValueError naming it (it was an IndexError from gguf's reader), and no file appears."
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + (0).to_bytes(8, "little") + (2**40).to_bytes(8, "little"))
+    with pytest.raises(ValueError, match=r"bad.gguf"):
+        export_gguf(_model(), tmp_path / "m.gguf", metadata_from=bad)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.gguf"]
