@@ -588,6 +588,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                     'course_lib/quantization.py'),
                                          'course_lib.quantization._check_window_args': ( 'quantization.html#_check_window_args',
                                                                                          'course_lib/quantization.py'),
+                                         'course_lib.quantization._env_defines': ( 'quantization.html#_env_defines',
+                                                                                   'course_lib/quantization.py'),
                                          'course_lib.quantization._fp16_bytes': ( 'quantization.html#_fp16_bytes',
                                                                                   'course_lib/quantization.py'),
                                          'course_lib.quantization._fused_int4': ( 'quantization.html#_fused_int4',

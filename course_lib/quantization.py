@@ -2,14 +2,14 @@
 
 # %% auto #0
 __all__ = ['SCHEMES', 'BACKENDS', 'LINEAR_NAMES', 'QUANT_FORMAT', 'QUANT_FORMAT_VERSION', 'KERNELS', 'C_STEP_SOURCE', 'C_FLAGS',
-           'absmax_quantize', 'absmax_dequantize', 'block_bytes', 'round_half_away', 'quantize_q8_0', 'quantize_q4_0',
-           'quantize_q4_1', 'quantize', 'dequantize', 'fake_quantize', 'quantization_error', 'QuantLinear',
-           'QuantEmbedding', 'to_int4pack', 'quantize_model', 'set_backend', 'weight_bytes', 'save_quantized',
-           'load_quantized', 'export_gguf', 'perplexity', 'logit_metrics', 'compare_models', 'matching_prefix',
-           'q8_0_as_int4', 'Int4Matmul', 'int4_matmul', 'validate_decode_input', 'FastQuantModel', 'repack_rows8',
-           'unpack_rows8', 'CCompilerError', 'find_c_compiler', 'c_cache_dir', 'build_c_step', 'c_simd_level',
-           'CDecodeStep', 'c_matvec', 'check_quantize_q8_0', 'check_quantize_q4_1', 'check_quantize_q4_0',
-           'check_perplexity']
+           'C_DEFINES', 'absmax_quantize', 'absmax_dequantize', 'block_bytes', 'round_half_away', 'quantize_q8_0',
+           'quantize_q4_0', 'quantize_q4_1', 'quantize', 'dequantize', 'fake_quantize', 'quantization_error',
+           'QuantLinear', 'QuantEmbedding', 'to_int4pack', 'quantize_model', 'set_backend', 'weight_bytes',
+           'save_quantized', 'load_quantized', 'export_gguf', 'perplexity', 'logit_metrics', 'compare_models',
+           'matching_prefix', 'q8_0_as_int4', 'Int4Matmul', 'int4_matmul', 'validate_decode_input', 'FastQuantModel',
+           'repack_rows8', 'unpack_rows8', 'CCompilerError', 'find_c_compiler', 'c_cache_dir', 'build_c_step',
+           'c_simd_level', 'CDecodeStep', 'c_matvec', 'check_quantize_q8_0', 'check_quantize_q4_1',
+           'check_quantize_q4_0', 'check_perplexity']
 
 # %% ../notebooks/08_quantization.ipynb #f6d1ea28
 import ctypes
@@ -1249,8 +1249,21 @@ def c_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "course_lib"
 
 
+C_DEFINES = ("COURSE_PORTABLE", "COURSE_NO_VNNI")     # plain C loops; AVX2 loops on an AVX-512 VNNI machine
+
+
+def _env_defines() -> tuple:
+    "COURSE_LIB_C_DEFINES='COURSE_PORTABLE': every C step of the process takes the portable loops (for tests)."
+    names = tuple(os.environ.get("COURSE_LIB_C_DEFINES", "").replace(",", " ").split())
+    unknown = [n for n in names if n not in C_DEFINES]
+    if unknown:
+        raise ValueError(f"COURSE_LIB_C_DEFINES: unknown {unknown[0]!r}; known: {', '.join(C_DEFINES)}")
+    return names
+
+
 def build_c_step(defines: tuple = ()) -> ctypes.CDLL:
     "Compile C_STEP_SOURCE (cached by sha256 of source, flags and compiler version) and load it with ctypes."
+    defines = tuple(dict.fromkeys(tuple(defines) + _env_defines()))
     cc = find_c_compiler()
     if cc is None:
         raise CCompilerError("no C compiler found ($CC, cc, gcc or clang): install one (Debian/Ubuntu: "

@@ -14,8 +14,6 @@ import json
 import random
 import shutil
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +21,8 @@ import torch
 
 from course_lib.quantization import quantize_model, save_quantized
 from course_lib.weights import load_hf_checkpoint
-from tests.test_weights import bf16_hf, make_hf, write_meta
+from tests.fuzz_runner import assert_clear_error_or_same_model, assert_every_case_ended, run_worker
+from tests.test_weights import bf16_hf, write_meta
 
 BAD_INTS = [0, -1, 2**31, 2**62, 1.5, "64", True, [], {}, float("nan"), float("inf")]
 BAD_FLOATS = [0, -1.0, "1e-5", True, [], float("nan"), float("inf"), -float("inf")]
@@ -241,26 +240,16 @@ def fuzzed(tmp_path_factory):
         cases.append((kind, str(folder)))
         descriptions.append(f"{kind}: {what}")
     (work / "cases.json").write_text(json.dumps(cases))
-    run = subprocess.run([sys.executable, "-c", WORKER, str(work), str(work / "cases.json")],
-                         capture_output=True, text=True, timeout=900, cwd=Path(__file__).parents[1])
-    events = [json.loads(l) for l in run.stdout.splitlines() if l.startswith("{")]
-    results = {e["case"]: e["result"] for e in events if "case" in e}
-    started = [e["start"] for e in events if "start" in e]
+    results, started, run = run_worker(WORKER, work, work / "cases.json")
     return descriptions, results, started, run
 
 
 def test_every_case_ran_to_its_end(fuzzed):
-    descriptions, results, started, run = fuzzed
-    crashed = [descriptions[i] for i in started if i not in results]
-    assert not crashed, f"the worker died (code {run.returncode}) in case {crashed}: {run.stderr[-2000:]}"
-    assert len(results) == len(descriptions) >= 400, (len(results), len(descriptions), run.stderr[-2000:])
+    assert_every_case_ended(*fuzzed, at_least=400)
 
 
 def test_no_case_loads_a_different_model_or_fails_badly(fuzzed):
-    descriptions, results, _, _ = fuzzed
-    bad = [(descriptions[i], r) for i, r in results.items()
-           if not (r == "same" or r.startswith(("ValueError: ", "TypeError: ")))]
-    assert not bad, f"{len(bad)} of {len(results)}:\n" + "\n".join(f"{what}: {r}" for what, r in bad)
+    assert_clear_error_or_same_model(*fuzzed[:2])
 
 
 @pytest.mark.parametrize("needle, message", [

@@ -7,17 +7,13 @@ The mutations are located by a small independent walk of the GGUF header written
 with course_lib's reader). The cases run in one worker process under a memory limit and a time limit, so a
 case that hangs or explodes fails the test instead of the test run."""
 import json
-import os
 import random
-import resource
 import struct
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from course_lib.weights import fetch_smollm2
+from tests.fuzz_runner import assert_clear_error_or_same_model, assert_every_case_ended, run_worker
 
 SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 
@@ -166,26 +162,16 @@ def fuzzed(tmp_path_factory):
     cases = _cases(buf)
     work = tmp_path_factory.mktemp("fuzz")
     (work / "cases.json").write_text(json.dumps([(w, p, b.hex()) for w, p, b in cases]))
-    run = subprocess.run([sys.executable, "-c", WORKER, str(src), str(work), str(work / "cases.json")],
-                         capture_output=True, text=True, timeout=900)
-    events = [json.loads(l) for l in run.stdout.splitlines() if l.startswith("{")]
-    results = {e["case"]: e["result"] for e in events if "case" in e}
-    started = [e["start"] for e in events if "start" in e]
-    return cases, results, started, run
+    results, started, run = run_worker(WORKER, src, work, work / "cases.json")
+    return [what for what, _, _ in cases], results, started, run
 
 
 def test_every_case_ran_to_its_end(fuzzed):
-    cases, results, started, run = fuzzed
-    crashed = [cases[i][0] for i in started if i not in results]
-    assert not crashed, f"the worker died (code {run.returncode}) in case {crashed}: {run.stderr[-2000:]}"
-    assert len(results) == len(cases) >= 200, (len(results), len(cases), run.stderr[-2000:])
+    assert_every_case_ended(*fuzzed, at_least=200)
 
 
 def test_no_case_loads_a_different_model_or_fails_badly(fuzzed):
-    cases, results, _, _ = fuzzed
-    bad = [(cases[i][0], r) for i, r in results.items()
-           if not (r == "same" or r.startswith(("ValueError: ", "TypeError: ")))]
-    assert not bad, "\n".join(f"{what}: {r}" for what, r in bad)
+    assert_clear_error_or_same_model(*fuzzed[:2])
 
 
 @pytest.mark.parametrize("needle, message", [
@@ -202,6 +188,6 @@ def test_no_case_loads_a_different_model_or_fails_badly(fuzzed):
     ("output_norm.weight: type F32->F16", "bytes follow the last tensor's data"),
 ])
 def test_the_cases_of_the_issue_name_the_field(fuzzed, needle, message):
-    cases, results, _, _ = fuzzed
-    hits = [results[i] for i, (what, _, _) in enumerate(cases) if what == needle]
+    descriptions, results, _, _ = fuzzed
+    hits = [results[i] for i, what in enumerate(descriptions) if what == needle]
     assert hits and message in hits[0], (needle, hits)
