@@ -788,6 +788,16 @@ def test_c_paths_compile_and_report_their_simd():
 
 
 @needs_cc
+def test_the_environment_can_force_the_portable_loops(monkeypatch):
+    "tools/portable_outputs.sh re-runs the notebooks this way: stored outputs must not depend on the SIMD branch."
+    monkeypatch.setenv("COURSE_LIB_C_DEFINES", "COURSE_PORTABLE")
+    assert c_simd_level(build_c_step()) == "portable"
+    monkeypatch.setenv("COURSE_LIB_C_DEFINES", "COURSE_FAST")
+    with pytest.raises(ValueError, match="COURSE_LIB_C_DEFINES: unknown 'COURSE_FAST'; known: COURSE_PORTABLE"):
+        build_c_step()
+
+
+@needs_cc
 @pytest.mark.parametrize("defines", C_PATHS)
 @pytest.mark.parametrize("scheme,output_scheme,tied", [("q4_1", "q8_0", False), ("q4_0", "q4_1", True),
                                                        ("q8_0", "q4_0", False), ("q4_1", None, False)])
