@@ -221,6 +221,7 @@ def test_bad_inputs_are_one_line_without_a_traceback(tmp_path, capsys, monkeypat
     "Every case fails before grading or generating anything, with exit code 1 and one line naming the problem."
     import io
     failures = []
+    monkeypatch.chdir(tmp_path)                                      # where grade writes grades-attention.csv
     for argv, stdin, message in _bad_inputs(tmp_path):
         monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
         try:
@@ -232,7 +233,7 @@ def test_bad_inputs_are_one_line_without_a_traceback(tmp_path, capsys, monkeypat
         lines = [l for l in captured.err.splitlines() if not l.startswith("chat with the model")]
         if code != 1 or len(lines) != 1 or not lines[0].startswith("error: ") or message not in lines[0]:
             failures.append((argv[:1] + argv[-2:], code, captured.err[-300:]))
-        assert not list(tmp_path.glob("*.csv")) and not (tmp_path / "grades-attention.csv").exists()
+        assert not list(tmp_path.rglob("*.csv")), f"{argv}: graded before failing"
     assert not failures, "\n".join(map(str, failures))
 
 
