@@ -28,8 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from course_lib.quantization import (FastQuantModel, compare_models, find_c_compiler, matching_prefix,  # noqa: E402
-                                     perplexity, quantize_model, set_backend, weight_bytes)
+from course_lib.c_step import find_c_compiler  # noqa: E402
+from course_lib.evaluation import compare_models, matching_prefix, perplexity  # noqa: E402
+from course_lib.fast_cpu import FastQuantModel  # noqa: E402
+from course_lib.quant_model import quantize_model, set_matmul, weight_bytes  # noqa: E402
 from course_lib.weights import fetch_smollm2, load_gguf_model, read_gguf  # noqa: E402
 
 
@@ -120,13 +122,13 @@ def main(argv=None):
         return out
     course = {"float32": base, "bfloat16": to_dtype(base, torch.bfloat16), "float16": to_dtype(base, torch.float16)}
     for scheme in ("q8_0", "q4_0", "q4_1"):
-        course[scheme] = quantize_model(copy.deepcopy(base), scheme, "q8_0", backend="fast")
+        course[scheme] = quantize_model(copy.deepcopy(base), scheme, "q8_0", matmul="fast")
     for scheme in ("q8_0", "q4_0", "q4_1"):   # the lean decoder over the same blocks (notebook 08): torch path
         course[f"{scheme} lean"] = FastQuantModel(course[scheme], kernel="torch")
     for scheme in ("q8_0", "q4_0", "q4_1"):   # ... and the whole decode step in C
         course[f"{scheme} C"] = FastQuantModel(course[scheme], kernel="c")
     if a.with_dequant:
-        course["q4_1 dequant"] = set_backend(quantize_model(copy.deepcopy(base), "q4_1", "q8_0"), "dequant")
+        course["q4_1 dequant"] = set_matmul(quantize_model(copy.deepcopy(base), "q4_1", "q8_0"), "dequant")
     runners = {f"course_lib {k}": (lambda m=m: decode_course(m, prompt, a.tokens)) for k, m in course.items()}
     mem = {f"course_lib {k}": weight_bytes(m) / 1e6 for k, m in course.items()}
 

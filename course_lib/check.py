@@ -20,6 +20,8 @@ from .gguf_tokenizer import check_bytes_to_unicode as bytes_to_unicode, check_bp
 from .generation import check_top_p_filter as top_p_filter
 from .generation import check_apply_repetition_penalty as apply_repetition_penalty
 from .generation import check_apply_temperature as apply_temperature, check_top_k_filter as top_k_filter
-from .quantization import check_quantize_q8_0 as quantize_q8_0, check_quantize_q4_1 as quantize_q4_1
-from .quantization import check_quantize_q4_0 as quantize_q4_0, check_perplexity as perplexity
+from .checks.quantization import check_quantize_q8_0 as quantize_q8_0, check_quantize_q4_1 as quantize_q4_1
+from .checks.quantization import check_quantize_q4_0 as quantize_q4_0, check_perplexity as perplexity
+from .checks.fast_cpu import check_int4_scales_and_zeros as int4_scales_and_zeros
+from .checks.fast_cpu import check_repack_rows8 as repack_rows8
 from .cuda import check_qmatvec_q4_1 as qmatvec_q4_1, check_qmatvec_swiglu as qmatvec_swiglu

@@ -15,7 +15,7 @@ ARGS = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, hidden_
 @pytest.fixture
 def saved(tmp_path):
     torch.manual_seed(0)
-    return save_quantized(quantize_model(Transformer(ModelArgs(**ARGS)).eval(), "q4_1", backend="dequant"),
+    return save_quantized(quantize_model(Transformer(ModelArgs(**ARGS)).eval(), "q4_1", matmul="dequant"),
                           tmp_path / "m.safetensors")
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from course_lib.quantization import quantize_model, save_quantized
+from course_lib.quant_model import quantize_model, save_quantized
 from course_lib.weights import load_hf_checkpoint
 from tests.fuzz_runner import assert_clear_error_or_same_model, assert_every_case_ended, run_worker
 from tests.test_weights import bf16_hf, write_meta
@@ -177,11 +177,11 @@ import json, resource, signal, sys, torch
 from pathlib import Path
 resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
 from course_lib.weights import load_hf_checkpoint, load_meta_checkpoint
-from course_lib.quantization import load_quantized
+from course_lib.quant_model import load_quantized
 work, cases = Path(sys.argv[1]), json.load(open(sys.argv[2]))
 prompt = torch.tensor([[3, 17, 100, 42, 9, 64, 1]])
 LOAD = {"hf": load_hf_checkpoint, "meta": load_meta_checkpoint, "meta2": load_meta_checkpoint,
-        "quant": lambda p: load_quantized(p / "model.q4_0.safetensors", backend="dequant")}
+        "quant": lambda p: load_quantized(p / "model.q4_0.safetensors", matmul="dequant")}
 def logits(kind, folder):
     with torch.no_grad():
         return LOAD[kind](folder)(prompt)

@@ -88,7 +88,8 @@ def test_module_help_lists_the_commands():
 
 
 def test_quant_decodes_with_the_fast_quantized_path(smollm2, monkeypatch, capsys):
-    from course_lib.quantization import FastQuantModel, quantize_model
+    from course_lib.fast_cpu import FastQuantModel
+    from course_lib.quant_model import quantize_model
     model, tokenizer = smollm2
     monkeypatch.setattr(cli, "_load_float", lambda name, max_seq_len: (copy.deepcopy(model), tokenizer))
     assert cli.main(["generate", "The capital of France is", "--max-new-tokens", "8", "--quant", "q4_1",

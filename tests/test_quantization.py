@@ -1,4 +1,4 @@
-"""course_lib.quantization against independent references: the `gguf` package's quantizers and
+"""Chapter 08 and 08b (course_lib.quant_formats, quant_model, evaluation, fast_cpu, c_step) against independent references: the `gguf` package's quantizers and
 dequantizers (bit for bit), PyTorch's own ops (F.linear, kl_div), `transformers` (perplexity, from its
 own loss), the gguf reader and chapter 07's loader (GGUF export), plus bad input and the checkers."""
 import copy
@@ -16,14 +16,16 @@ import torch.nn.functional as F
 gguf = pytest.importorskip("gguf")
 
 from course_lib.model import ModelArgs, Transformer, from_hf
-from course_lib.quantization import (QuantEmbedding, QuantLinear, absmax_dequantize, absmax_quantize,
-                                     check_perplexity, check_quantize_q4_0, check_quantize_q4_1, check_quantize_q8_0,
-                                     compare_models, dequantize, quantize_q4_0,
-                                     export_gguf, fake_quantize, load_quantized, logit_metrics, perplexity,
-                                     quantization_error, quantize, quantize_model, quantize_q4_1,
-                                     quantize_q8_0, round_half_away, save_quantized, set_backend, to_int4pack,
-                                     weight_bytes, matching_prefix, Int4Matmul, q8_0_as_int4,
-                                     FastQuantModel)
+from course_lib.checks.fast_cpu import check_int4_scales_and_zeros, check_repack_rows8
+from course_lib.checks.quantization import (check_perplexity, check_quantize_q4_0, check_quantize_q4_1,
+                                            check_quantize_q8_0)
+from course_lib.evaluation import compare_models, logit_metrics, matching_prefix, perplexity
+from course_lib.fast_cpu import FastQuantModel, Int4Matmul, int4_scales_and_zeros, q8_0_as_int4, to_int4pack
+from course_lib.quant_formats import (absmax_dequantize, absmax_quantize, block_size, dequantize, fake_quantize,
+                                      quantization_error, quantize, quantize_q4_0, quantize_q4_1, quantize_q8_0,
+                                      round_half_away)
+from course_lib.quant_model import (QuantEmbedding, QuantLinear, export_gguf, load_quantized, quantize_model,
+                                    save_quantized, set_matmul, weight_bytes)
 from course_lib.generation import generate_tokens
 from course_lib.weights import fetch_smollm2, load_gguf_model, read_gguf
 
@@ -182,9 +184,9 @@ def test_quant_linear_dequant_is_f_linear_with_gguf_weights(scheme):
     w, x = torch.randn(96, 64, generator=g), torch.randn(2, 5, 64, generator=g)
     blocks = gguf.quants.quantize(w.numpy(), QTYPE[scheme.upper()])
     w_ref = torch.from_numpy(gguf.quants.dequantize(blocks, QTYPE[scheme.upper()]))
-    lin = QuantLinear(64, 96, scheme, torch.from_numpy(blocks), backend="dequant")
+    lin = QuantLinear(64, 96, scheme, torch.from_numpy(blocks), matmul="dequant")
     assert torch.equal(lin(x), F.linear(x, w_ref))
-    fast = lin.set_backend("fast")(x)
+    fast = lin.set_matmul("fast")(x)
     exact = F.linear(x, w_ref)
     assert fast.dtype == torch.float32 and fast.shape == (2, 5, 96)
     assert ((fast - exact).norm() / exact.norm()) < 1e-2           # bf16 activations and scales
@@ -215,8 +217,8 @@ def test_quant_linear_bad_input():
         QuantLinear(40, 8, "q4_0")
     with pytest.raises(ValueError, match="blocks must be uint8"):
         QuantLinear(64, 8, "q4_0", torch.zeros(8, 40, dtype=torch.uint8))
-    with pytest.raises(ValueError, match="backend must be one of"):
-        QuantLinear(64, 8, "q4_0", backend="gpu")
+    with pytest.raises(ValueError, match="matmul must be one of"):
+        QuantLinear(64, 8, "q4_0", matmul="gpu")
     with pytest.raises(ValueError, match="in_features=64"):
         QuantLinear(64, 8, "q4_0")(torch.zeros(2, 32))
 
@@ -256,7 +258,7 @@ def test_quantize_model_equals_model_with_gguf_weights(scheme, output_scheme):
             if p.dim() == 2 and (not is_emb or output_scheme):
                 qt = QTYPE[(output_scheme if is_emb else scheme).upper()]
                 p.copy_(torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(p.numpy(), qt), qt)))
-    q = quantize_model(model, scheme, output_scheme, backend="dequant")
+    q = quantize_model(model, scheme, output_scheme, matmul="dequant")
     assert q is model and isinstance(q.layers[1].feed_forward.w2, QuantLinear)
     assert isinstance(q.layers[0].attention_norm.weight, torch.nn.Parameter)
     assert q.layers[0].attention_norm.weight.dtype == torch.float32
@@ -264,7 +266,7 @@ def test_quantize_model_equals_model_with_gguf_weights(scheme, output_scheme):
     tokens = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(q(tokens), ref(tokens), atol=1e-5, rtol=1e-5)
-        fast = set_backend(q, "fast")(tokens)
+        fast = set_matmul(q, "fast")(tokens)
     assert logit_metrics(ref(tokens), fast)["top1"] >= 0.9
 
 
@@ -274,11 +276,11 @@ def test_quantize_model_bad_input_and_memory():
     assert before == sum(p.numel() * 4 for p in model.parameters())      # tied: counted once
     with pytest.raises(ValueError, match="scheme must be one of"):
         quantize_model(model, "int4")
-    with pytest.raises(ValueError, match="backend must be one of"):
-        quantize_model(model, "q4_0", backend="cuda")
+    with pytest.raises(ValueError, match="matmul must be one of"):
+        quantize_model(model, "q4_0", matmul="cuda")
     with pytest.raises(TypeError, match="Transformer"):
         quantize_model(torch.nn.Linear(64, 64), "q4_0")
-    q = quantize_model(model, "q4_0", "q8_0", backend="dequant")
+    q = quantize_model(model, "q4_0", "q8_0", matmul="dequant")
     n_lin = 2 * (3 * 64 * 64 // 2 + 64 * 64 // 2 * 2 // 2 + 3 * 64 * 128)  # not used: count from shapes
     blocks = sum(m.blocks.numel() for m in q.modules() if isinstance(m, QuantLinear) and m is not q.output)
     assert weight_bytes(q) == blocks + q.tok_embeddings.blocks.numel() + 4 * (2 * 2 * 64 + 64)
@@ -289,9 +291,9 @@ def test_quantize_model_bad_input_and_memory():
 @pytest.mark.parametrize("tied", [True, False])
 def test_save_and_load_roundtrip(tmp_path, tied):
     pytest.importorskip("safetensors")
-    q = quantize_model(small_model(tied), "q4_1", "q8_0", backend="dequant")
+    q = quantize_model(small_model(tied), "q4_1", "q8_0", matmul="dequant")
     path = save_quantized(q, tmp_path / "m.safetensors")
-    loaded = load_quantized(path, backend="dequant")
+    loaded = load_quantized(path, matmul="dequant")
     tokens = torch.randint(0, 96, (1, 12))
     with torch.no_grad():
         assert torch.equal(loaded(tokens), q(tokens))
@@ -304,7 +306,7 @@ def test_save_and_load_roundtrip(tmp_path, tied):
 def test_load_quantized_validates(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import save_file
-    q = quantize_model(small_model(), "q4_0", "q8_0", backend="dequant")
+    q = quantize_model(small_model(), "q4_0", "q8_0", matmul="dequant")
     path = save_quantized(q, tmp_path / "m.safetensors")
     with safe_open(str(path), framework="pt") as f:
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
@@ -326,7 +328,7 @@ def test_load_quantized_validates(tmp_path):
 
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_export_gguf_roundtrip(tmp_path, scheme):
-    q = quantize_model(small_model(), scheme, "q8_0", backend="dequant")
+    q = quantize_model(small_model(), scheme, "q8_0", matmul="dequant")
     path = export_gguf(q, tmp_path / "m.gguf")
     reader = gguf.GGUFReader(path)
     tensors = {t.name: t for t in reader.tensors}
@@ -460,10 +462,45 @@ def test_int4_matmul_matches_the_dequantized_product(scheme):
     assert got.shape == (3, 37) and got.dtype == torch.bfloat16 and _rel(got, exact) < 1e-2
 
 
+def test_int4_matmul_repr_and_scales_and_zeros():
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(4))
+    assert repr(Int4Matmul(quantize(w, "q4_1"), "q4_1", (16, 64))) == "Int4Matmul(64, 16, scheme=q4_1)"
+    for scheme in ("q4_0", "q4_1"):
+        blocks = quantize(w, scheme)
+        sz = int4_scales_and_zeros(blocks, scheme)                          # (n_blocks, 2): [scale, zero]
+        q = torch.cat([blocks.reshape(-1, blocks.shape[1] // 2)[:, -16:] & 0x0F,
+                       blocks.reshape(-1, blocks.shape[1] // 2)[:, -16:] >> 4], dim=1).float()   # (n_blocks, 32)
+        rebuilt = ((q - 8) * sz[:, :1] + sz[:, 1:]).reshape(16, 64)
+        assert torch.allclose(rebuilt, dequantize(blocks, scheme, (16, 64)), rtol=1e-6, atol=1e-7)
+    assert block_size("Q4_1") == 32
+    with pytest.raises(ValueError, match="4-bit scheme"):
+        int4_scales_and_zeros(quantize(w, "q8_0"), "q8_0")
+
+
+def test_fast_cpu_checkers_pass_the_course_and_catch_mistakes():
+    assert check_int4_scales_and_zeros(int4_scales_and_zeros) and check_repack_rows8(repack_rows8)
+
+    def zero_is_m(blocks, scheme):
+        sz = int4_scales_and_zeros(blocks, scheme)
+        return torch.stack([sz[:, 0], sz[:, 1] - 8 * sz[:, 0]], dim=1)
+    assert "zero is m: the kernel computes" in str(check_int4_scales_and_zeros(zero_is_m))
+    assert "should be a torch.Tensor" in str(check_int4_scales_and_zeros(lambda b, s: [1.0, 2.0]))
+
+    def no_sign_flip(blocks, scheme):
+        out = repack_rows8(blocks, scheme)
+        if scheme == "q8_0":
+            out[..., 16:] ^= 0x80
+        return out
+    result = check_repack_rows8(no_sign_flip)
+    assert not result and "q8_0: group 0, block 0, byte 16" in str(result) and "flip the sign bit" in str(result)
+    unpadded = check_repack_rows8(lambda b, s: repack_rows8(b, s)[: len(b) // 8])
+    assert not unpadded and "shape" in str(unpadded)
+
+
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("tied", [True, False])
 def test_fast_quant_model_matches_the_quantized_transformer(scheme, tied):
-    q = quantize_model(small_model(tied), scheme, "q8_0", backend="dequant")
+    q = quantize_model(small_model(tied), scheme, "q8_0", matmul="dequant")
     fast = FastQuantModel(q)
     tokens = torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -481,14 +518,14 @@ def test_fast_quant_model_matches_the_quantized_transformer(scheme, tied):
 
 
 def test_fast_quant_model_with_float_output_and_bad_input():
-    q = quantize_model(small_model(), "q4_0", output_scheme=None, backend="dequant")
+    q = quantize_model(small_model(), "q4_0", output_scheme=None, matmul="dequant")
     fast = FastQuantModel(q)
     tokens = torch.randint(0, 96, (1, 6), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert _rel(fast(tokens), q(tokens)) < 0.03
     with pytest.raises(ValueError, match=r"one sequence: tokens must be \(1, seq\), got \(2, 6\)"):
         fast(tokens.repeat(2, 1))
-    with pytest.raises(ValueError, match=r"start_pos must be an int in 0..6"):
+    with pytest.raises(ValueError, match=r"start_pos=7 leaves a gap"):
         fast(tokens[:, :1], 7)
     with pytest.raises(ValueError, match="outside the vocabulary"):
         fast(torch.tensor([[96]]), 0)
@@ -709,12 +746,12 @@ def test_fast_quant_model_on_smollm2_stays_close_to_float32(smollm2, wiki_ids):
 
 
 # ---------------------------------------------------------------- the whole decode step in C (FastQuantModel kernel="c")
-from course_lib import quantization as _quant                                    # noqa: E402
-from course_lib.quantization import (CCompilerError, CDecodeStep, build_c_step, c_matvec, c_simd_level,  # noqa: E402
-                                     find_c_compiler, repack_rows8, unpack_rows8)
+from course_lib import c_step as _c_step                                         # noqa: E402
+from course_lib.c_step import (CCompilerError, CDecodeStep, build_c_step, c_matvec, c_simd_level,  # noqa: E402
+                               c_source, find_c_compiler, repack_rows8, unpack_rows8)
 
 needs_cc = pytest.mark.skipif(find_c_compiler() is None, reason="no C compiler")
-# the code paths of C_STEP_SOURCE: what -march=native picks, AVX2 without VNNI, and the plain-C loops
+# the code paths of csrc/decode_step.c: what -march=native picks, AVX2 without VNNI, and the plain-C loops
 C_PATHS = [(), ("COURSE_NO_VNNI",), ("COURSE_PORTABLE",)]
 TINY = ModelArgs(dim=192, n_layers=3, n_heads=6, n_kv_heads=2, vocab_size=1001, hidden_dim=320, max_seq_len=48,
                  tie_embeddings=False)                                           # GQA 3, vocab not a multiple of 8 or 16
@@ -802,7 +839,7 @@ def test_the_environment_can_force_the_portable_loops(monkeypatch):
 @pytest.mark.parametrize("scheme,output_scheme,tied", [("q4_1", "q8_0", False), ("q4_0", "q4_1", True),
                                                        ("q8_0", "q4_0", False), ("q4_1", None, False)])
 def test_c_step_matches_the_dequantized_transformer(scheme, output_scheme, tied, defines):
-    q = quantize_model(tiny_model(tied), scheme, output_scheme, backend="dequant")
+    q = quantize_model(tiny_model(tied), scheme, output_scheme, matmul="dequant")
     fast = FastQuantModel(q, kernel="c")
     fast.c_step = CDecodeStep(q, defines)
     tokens = torch.randint(0, TINY.vocab_size, (1, 14), generator=torch.Generator().manual_seed(2))
@@ -819,16 +856,40 @@ def test_c_step_matches_the_dequantized_transformer(scheme, output_scheme, tied,
         assert last.shape == (1, 1, TINY.vocab_size) and torch.equal(last[0, -1], full[0, -1])
 
 
+def test_c_source_is_a_package_file_without_block_sizes_of_its_own():
+    source = c_source()
+    assert "int course_step(" in source and "course_matvec(" in source
+    assert "34" not in source.split("static int block_bytes")[1].split("}")[0]     # sizes come from GGML_BLOCKS
+
+
+@needs_cc
+def test_c_decode_step_is_a_decoder_with_the_shared_input_check():
+    q = quantize_model(tiny_model(), "q4_0", matmul="dequant")
+    step = CDecodeStep(q)
+    tokens = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        full = step(tokens)                                                      # start_pos=0, like the Transformer
+        assert step.cache_len == 4 and full.shape == (1, 4, TINY.vocab_size)
+        assert torch.equal(step(tokens[:, 3:], 3), full[:, 3:])
+        assert _rel(full, q(tokens)) < 0.1
+    with pytest.raises(ValueError, match=r"CDecodeStep decodes one sequence"):
+        step(tokens.repeat(2, 1))
+    with pytest.raises(ValueError, match="start_pos=9 leaves a gap"):
+        step(tokens[:, :1], 9)
+    with pytest.raises(ValueError, match="for one sequence use tokens\\[None\\]"):
+        step(tokens[0])
+
+
 @needs_cc
 def test_c_step_errors_are_the_torch_paths():
-    q = quantize_model(tiny_model(), "q4_1", backend="dequant")
+    q = quantize_model(tiny_model(), "q4_1", matmul="dequant")
     for kernel in ("c", "torch"):
         fast = FastQuantModel(q, kernel=kernel)
         assert fast.kernel == kernel and fast.device == torch.device("cpu") and fast.args is q.args
         fast(torch.tensor([[1, 2, 3]]), 0)
         with pytest.raises(ValueError, match=r"one sequence: tokens must be \(1, seq\), got \(2, 3\)"):
             fast(torch.zeros(2, 3, dtype=torch.long), 0)
-        with pytest.raises(ValueError, match=r"start_pos must be an int in 0..3"):
+        with pytest.raises(ValueError, match=r"start_pos=4 leaves a gap"):
             fast(torch.tensor([[1]]), 4)
         with pytest.raises(ValueError, match="outside the vocabulary"):
             fast(torch.tensor([[TINY.vocab_size]]), 0)
@@ -841,8 +902,8 @@ def test_c_step_errors_are_the_torch_paths():
 
 
 def test_no_compiler_gives_a_clear_error_and_auto_falls_back(monkeypatch):
-    q = quantize_model(small_model(), "q4_1", backend="dequant")
-    monkeypatch.setattr(_quant, "find_c_compiler", lambda: None)
+    q = quantize_model(small_model(), "q4_1", matmul="dequant")
+    monkeypatch.setattr(_c_step, "find_c_compiler", lambda: None)
     with pytest.raises(CCompilerError, match=r"no C compiler found.*install.*kernel='torch'"):
         FastQuantModel(q, kernel="c")
     assert isinstance(CCompilerError("x"), RuntimeError)
@@ -856,7 +917,7 @@ def test_no_compiler_gives_a_clear_error_and_auto_falls_back(monkeypatch):
 @needs_cc
 def test_c_step_builds_from_a_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(_quant, "_C_LIBS", {})
+    monkeypatch.setattr(_c_step, "_C_LIBS", {})
     lib = build_c_step(("COURSE_TEST_CACHE",))
     files = list((tmp_path / "course_lib").glob("c_step-*.so"))
     assert len(files) == 1 and lib.course_simd() in (0, 1, 2)
@@ -870,7 +931,7 @@ def test_c_step_on_smollm2_stays_close_to_float32_and_the_torch_path(smollm2, wi
     _, model = smollm2
     qm = quantize_model(copy.deepcopy(model), "q4_1")
     c, lean = FastQuantModel(qm, kernel="c"), FastQuantModel(qm, kernel="torch")
-    exact = set_backend(copy.deepcopy(qm), "dequant")
+    exact = set_matmul(copy.deepcopy(qm), "dequant")
     ids = wiki_ids[:64]
     with torch.no_grad():
         ref, got_c, got_torch = exact(ids[None]), c(ids[None]), lean(ids[None])
@@ -899,7 +960,7 @@ def test_c_step_on_smollm2_stays_close_to_float32_and_the_torch_path(smollm2, wi
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_fast_quant_model_torch_kernel_still_matches(scheme):
     "The tests above run kernel='auto' (the C step where a compiler is found); the torch path, explicitly."
-    q = quantize_model(small_model(False), scheme, "q8_0", backend="dequant")
+    q = quantize_model(small_model(False), scheme, "q8_0", matmul="dequant")
     fast = FastQuantModel(q, kernel="torch")
     assert fast.kernel == "torch" and fast.c_step is None
     tokens = torch.randint(0, 96, (1, 10), generator=torch.Generator().manual_seed(4))

@@ -19,7 +19,7 @@ SAVERS = {"save_quantized": ("m.safetensors", lambda m, p, **kw: save_quantized(
 
 def _model(seed: int = 0) -> Transformer:
     torch.manual_seed(seed)
-    return quantize_model(Transformer(ModelArgs(**ARGS)).eval(), "q4_1", backend="dequant")
+    return quantize_model(Transformer(ModelArgs(**ARGS)).eval(), "q4_1", matmul="dequant")
 
 
 @pytest.mark.parametrize("saver", SAVERS)
@@ -54,7 +54,7 @@ import os, resource, signal, sys, torch
 from course_lib import ModelArgs, Transformer, export_gguf, quantize_model, save_quantized
 saver, path, limit, how = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 torch.manual_seed(1)
-model = quantize_model(Transformer(ModelArgs(**{args})).eval(), "q4_1", backend="dequant")
+model = quantize_model(Transformer(ModelArgs(**{args})).eval(), "q4_1", matmul="dequant")
 signal.signal(signal.SIGXFSZ, signal.SIG_DFL if how == "kill" else signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))   # the write stops partway: killed, or a full disk
 try:
