@@ -17,13 +17,17 @@ from .attention import causal_mask, scaled_dot_product, repeat_kv, kv_cache_byte
 from .feed_forward import llama_hidden_dim, FeedForward                                      # 05
 from .model import (ModelArgs, PRESETS, TransformerBlock, Transformer, count_parameters,    # 06
                     args_from_hf_config, from_hf)
-from .weights import (fetch_smollm2, FetchError, read_gguf, load_gguf_model,              # 07
+from .decoding import Decoder, validate_decode_input                                           # 06
+from .gguf_format import read_gguf                                                          # 07
+from .weights import (fetch_smollm2, FetchError, load_gguf_model,              # 07
                       load_meta_checkpoint, load_hf_checkpoint)
 from .gguf_tokenizer import (GGUFTokenizer, bytes_to_unicode, pretokenize, bpe_word,        # 07b
                              render_chat_template, load_gguf, load_smollm2)
 from .generation import (METHODS, decoder_device, top_k_filter, top_p_filter, min_p_filter, next_token_probs,  # 07c
                          sample_next_token, apply_repetition_penalty, GenerationStats, generate_tokens,
                          generate_stream, generate, sampling_table)
+from .fused import fuse_model, is_fused, FusedAttention, FusedFeedForward                   # 07c
+from .cli import fit_conversation                                                           # 07d
 from .quantization import (SCHEMES, quantize, dequantize, QuantLinear, QuantEmbedding, quantize_model,  # 08
                            weight_bytes, save_quantized, load_quantized, export_gguf, perplexity,
                            logit_metrics, compare_models, Int4Matmul, FastQuantModel, CDecodeStep, CCompilerError)

@@ -368,14 +368,14 @@ SMOLLM2_MAX_SEQ_LEN = 2048   # load_smollm2's default: a KV cache of 94 MB in fl
 
 
 def load_gguf(path, max_seq_len: Optional[int] = None) -> tuple[Transformer, GGUFTokenizer]:
-    "(model, tokenizer) from a Llama GGUF file (path or GGUFFile): float32 weights in the in_out layout and the file's own tokenizer."
+    "(model, tokenizer) from a Llama GGUF file (path or GGUFFile): float32 weights and the file's own tokenizer."
     gf = path if isinstance(path, GGUFFile) else read_gguf(path)
     tokenizer = GGUFTokenizer(gf)            # first: a file without a usable tokenizer fails fast
     model = load_gguf_model(gf, max_seq_len=max_seq_len)
     if model.args.vocab_size != tokenizer.vocab_size:
         raise ValueError(f"{gf.path}: the model has vocab_size={model.args.vocab_size} but the tokenizer "
                          f"{tokenizer.vocab_size} tokens")
-    return model.set_weight_layout("in_out"), tokenizer   # same values, faster decoding (notebook 07c)
+    return model, tokenizer
 
 
 def load_smollm2(max_seq_len: Optional[int] = SMOLLM2_MAX_SEQ_LEN, progress: bool = True) -> tuple[Transformer, GGUFTokenizer]:

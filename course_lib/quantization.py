@@ -316,8 +316,6 @@ def _swap(model: Transformer, scheme: str, output_scheme: Optional[str], backend
           progress: bool = False):
     "Replace the linear layers (and embedding/output) with quantized modules, in place."
     for layer in tqdm(model.layers, desc=f"quantizing to {scheme}", unit="layer", disable=not progress, file=sys.stderr):
-        layer.attention.fuse_qkv(False)          # chapter 07c's fused float copies go too
-        layer.feed_forward.fuse_w13(False)
         for name in LINEAR_NAMES:
             parent_name, child = name.split(".")
             parent = getattr(layer, parent_name)
