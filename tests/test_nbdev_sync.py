@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-HAND_WRITTEN = {"__init__.py", "check.py", "__main__.py", "_nbdev_targets.py", "checks/__init__.py"}  # hand-written: indexes, the export helper
+HAND_WRITTEN = {"__init__.py", "check.py", "__main__.py", "checks/__init__.py"}  # hand-written indexes
 
 
 def _modules(lib: Path):
