@@ -1,6 +1,6 @@
 """The part of CuPy's API that chapter 09 uses, on top of the CPU emulator of CUDA C.
 
-    from tests.cuda_emulator import cupy_api as xp      # in place of `import cupy as xp`
+    from course_lib.cuda.emulator import cupy_api as xp      # in place of `import cupy as xp`
 
     x = xp.asarray(np.arange(4, dtype=np.float32))       # "host to device" copy
     k = xp.RawModule(code=SOURCE).get_function("axpy")
