@@ -17,6 +17,8 @@ from torch import nn
 
 from .attention import Attention, causal_mask
 from .checking import Case, CheckResult, compare, run_cases
+from .decoding import check_decode_input
+from .validation import trusted_inputs
 from .feed_forward import FeedForward, llama_hidden_dim
 from .rmsnorm import RMSNorm
 from .rope import precompute_freqs_cis, permute_hf_to_meta
@@ -123,44 +125,17 @@ class Transformer(nn.Module):
         self.register_buffer("freqs_cis", freqs_cis, persistent=False)  # (max_seq_len, head_dim/2)
         self.cache_len, self.cache_batch_size = 0, 0  # what the layers' KV caches hold now
 
-    def _check_input(self, tokens, start_pos: int):
-        if not isinstance(tokens, torch.Tensor) or tokens.dtype.is_floating_point or tokens.dtype.is_complex \
-                or tokens.dtype == torch.bool:
-            kind = tokens.dtype if isinstance(tokens, torch.Tensor) else type(tokens).__name__
-            raise TypeError(f"tokens must be an integer tensor (batch, seq), got {kind}")
-        if tokens.dim() != 2 or tokens.numel() == 0:
-            raise ValueError(f"tokens must be a non-empty 2-D tensor (batch, seq), got shape {tuple(tokens.shape)}"
-                             + ("; for one sequence use tokens[None]" if tokens.dim() == 1 else ""))
-        if not isinstance(start_pos, int) or isinstance(start_pos, bool):
-            raise TypeError(f"start_pos must be an int, got {type(start_pos).__name__}")
-        if start_pos < 0:
-            raise ValueError(f"start_pos must be >= 0, got start_pos={start_pos}")
-        bsz, seq = tokens.shape
-        if start_pos + seq > self.args.max_seq_len:
-            raise ValueError(f"start_pos + seq = {start_pos} + {seq} = {start_pos + seq} exceeds "
-                             f"max_seq_len={self.args.max_seq_len}")
-        if start_pos > self.cache_len:
-            raise ValueError(f"start_pos={start_pos} leaves a gap: the KV cache holds positions 0..{self.cache_len - 1} "
-                             f"(cache_len={self.cache_len}); feed the tokens in between first, or start over at "
-                             f"start_pos=0")
-        if start_pos > 0 and bsz != self.cache_batch_size:
-            raise ValueError(f"tokens has batch size {bsz} but the cached sequences have batch size "
-                             f"{self.cache_batch_size}; start over at start_pos=0")
-        lo, hi = int(tokens.min()), int(tokens.max())
-        if lo < 0 or hi >= self.args.vocab_size:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"tokens contains id {bad}, outside the vocabulary [0, vocab_size={self.args.vocab_size})")
-
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, last_only: bool = False) -> torch.Tensor:
         "Logits for `tokens` (batch, seq) at positions start_pos .. start_pos+seq-1 (only the last if `last_only`)."
-        self._check_input(tokens, start_pos)
+        check_decode_input(self, tokens, start_pos)   # once, here: the layers below trust their inputs
         bsz, seq = tokens.shape
         h = self.tok_embeddings(tokens.long())                  # (batch, seq, dim)
         freqs_cis = self.freqs_cis[start_pos:start_pos + seq]   # (seq, head_dim/2), a view
         # one new token sees every cached position: no mask needed
         mask = causal_mask(seq, start_pos, device=tokens.device) if seq > 1 else None  # (seq, start_pos+seq)
-        for layer in self.layers:
-            h = layer(h, start_pos, freqs_cis, mask)            # (batch, seq, dim)
+        with trusted_inputs():                                  # checked above: the layers skip their checks
+            for layer in self.layers:
+                h = layer(h, start_pos, freqs_cis, mask)        # (batch, seq, dim)
         self.cache_len, self.cache_batch_size = start_pos + seq, bsz
         if last_only:  # generation needs only the next token's logits: skip (seq-1) × vocab_size × dim work
             h = h[:, -1:]                                       # (batch, 1, dim)

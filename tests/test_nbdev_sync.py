@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-HAND_WRITTEN = {"__init__.py", "check.py", "__main__.py"}  # indexes that re-export; every other module is generated
+HAND_WRITTEN = {"__init__.py", "check.py", "__main__.py", "checks/__init__.py"}  # hand-written indexes
 
 
 def _modules(lib: Path):
@@ -25,6 +25,7 @@ def exported(tmp_path_factory):
     (work / "course_lib").mkdir()
     for name in HAND_WRITTEN:
         if (ROOT / "course_lib" / name).exists():
+            (work / "course_lib" / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(ROOT / "course_lib" / name, work / "course_lib" / name)
     subprocess.run([sys.executable, "-c", "from nbdev.doclinks import nbdev_export; nbdev_export()"],
                    cwd=work, check=True, capture_output=True)
