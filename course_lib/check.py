@@ -22,4 +22,4 @@ from .generation import check_apply_repetition_penalty as apply_repetition_penal
 from .generation import check_apply_temperature as apply_temperature, check_top_k_filter as top_k_filter
 from .quantization import check_quantize_q8_0 as quantize_q8_0, check_quantize_q4_1 as quantize_q4_1
 from .quantization import check_quantize_q4_0 as quantize_q4_0, check_perplexity as perplexity
-from .cuda import check_qmatvec_q4_1 as qmatvec_q4_1, check_qmatvec_swiglu as qmatvec_swiglu
+from .checks.cuda import check_qmatvec_q4_1 as qmatvec_q4_1, check_qmatvec_swiglu as qmatvec_swiglu

@@ -1,6 +1,6 @@
 """Chapter 09's CUDA kernels and CudaQuantModel against chapter 08's CPU reference and PyTorch ops.
 
-Every kernel test runs on the CPU emulator (tests/cuda_emulator) here and in CI, and on CuPy where a GPU is
+Every kernel test runs on the CPU emulator (course_lib/cuda/emulator) here and in CI, and on CuPy where a GPU is
 present (the `gpu` marker; skipped otherwise). Tolerances: products and attention are float32 sums in another
 order than PyTorch's, so results agree to ~1e-6 of their size; we allow 1e-5 relative (1e-4 for whole models).
 """
