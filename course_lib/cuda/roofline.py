@@ -111,7 +111,8 @@ FP32_PEAK_FLOPS = {"H100": 67e12, "H200": 67e12}     # non-tensor float32 (datas
 
 def _checkout_root() -> Path:
     "The folder above course_lib: the course checkout when course_lib is used from one."
-    return Path(__file__).resolve().parents[2]
+    import course_lib
+    return Path(course_lib.__file__).resolve().parents[1]
 
 
 def load_benchmarks(folder=None) -> list:
