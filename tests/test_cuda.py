@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import course_lib.cuda as cuda
+import course_lib.checks.cuda as checks_cuda
 from course_lib.cuda import (CudaQuantModel, KERNEL_SOURCES, QuantMatrix, check_qmatvec_q4_1, check_qmatvec_swiglu,
                              compile_ptx, cuda_add, cuda_argmax, cuda_attention, cuda_embedding, cuda_qmatvec,
                              cuda_qmatvec_plain, cuda_rms_norm, cuda_rope_kv_cache, cuda_swiglu, decode_bytes_per_token,
@@ -411,14 +412,17 @@ def test_emulated_model_interface_and_errors(backend):
     assert model.n_launches == 1 + 14 * 2 + 3 + 3
     assert model.weight_bytes() == sum(m.nbytes for L in model.layers for m in (L["wqkv"], L["wo"], L["w13"], L["w2"])) \
         + model.embedding.nbytes + model.output.nbytes + 4 * 64 * 5
-    with pytest.raises(ValueError, match="start_pos must be an int in 0..0"):
+    # the one input check of every decoder (course_lib.decoding.check_decode_input), with its messages
+    with pytest.raises(ValueError, match="start_pos=3 leaves a gap"):
         model(torch.tensor([[1]]), 3)
     with pytest.raises(ValueError, match="outside the vocabulary"):
         model(torch.tensor([[96]]), 0)
     with pytest.raises(ValueError, match="exceeds max_seq_len=16"):
         model(torch.tensor([list(range(17))]), 0)
-    with pytest.raises(TypeError, match="tokens must be a non-empty integer tensor"):
+    with pytest.raises(TypeError, match="tokens must be an integer tensor"):
         model(torch.tensor([[1.0]]), 0)
+    with pytest.raises(ValueError, match="decodes one sequence"):
+        model(torch.tensor([[1], [2]]), 0)
     with pytest.raises(ValueError, match="exceeds max_seq_len=16"):
         model.generate_greedy([1, 2, 3], 14)
 
@@ -604,7 +608,7 @@ def test_swiglu_checker():
 
 
 def test_checkers_explain_themselves_without_a_backend(monkeypatch):
-    monkeypatch.setattr(cuda, "get_backend", lambda kind="auto": None)
+    monkeypatch.setattr(checks_cuda, "get_backend", lambda kind="auto": None)     # where the checkers look
     result = check_qmatvec_q4_1(KERNEL_SOURCES["qmatvec_q4_1"])
     assert not result and "cannot run CUDA kernels" in str(result) and "on a GPU" in str(result)
     with pytest.raises(TypeError, match="the candidate must be CUDA C source"):
