@@ -23,3 +23,4 @@ from .generation import check_apply_temperature as apply_temperature, check_top_
 from .quantization import check_quantize_q8_0 as quantize_q8_0, check_quantize_q4_1 as quantize_q4_1
 from .quantization import check_quantize_q4_0 as quantize_q4_0, check_perplexity as perplexity
 from .checks.cuda import check_qmatvec_q4_1 as qmatvec_q4_1, check_qmatvec_swiglu as qmatvec_swiglu
+from .checks.gpu_decoder import check_add_rms_norm as add_rms_norm

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import course_lib.cuda as cuda
 import course_lib.checks.cuda as checks_cuda
+from course_lib.checks.gpu_decoder import check_add_rms_norm
 from course_lib.cuda import (CudaQuantModel, KERNEL_SOURCES, QuantMatrix, check_qmatvec_q4_1, check_qmatvec_swiglu,
                              compile_ptx, cuda_add, cuda_argmax, cuda_attention, cuda_embedding, cuda_qmatvec,
                              cuda_qmatvec_plain, cuda_rms_norm, cuda_rope_kv_cache, cuda_swiglu, decode_bytes_per_token,
@@ -607,12 +608,46 @@ def test_swiglu_checker():
     assert "silu is missing" in str(check_qmatvec_swiglu(no_silu, backend=b))
 
 
+ADD_RMS_NORM_SOLUTION = r"""
+extern "C" __global__ void add_rms_norm(float* x, const float* y, const float* weight, float* out, int n, float eps) {
+    __shared__ float scratch[32];
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const float v = x[i] + y[i];
+        x[i] = v;
+        ss += v * v;
+    }
+    const float inv = rsqrtf(block_sum(ss, scratch) / n + eps);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) out[i] = x[i] * inv * weight[i];
+}
+"""
+
+
+@pytest.mark.parametrize("old, new, named", [
+    ("out[i] = x[i] * inv * weight[i]", "out[i] = x[i] * inv", "the weight is missing"),
+    ("block_sum(ss, scratch) / n", "block_sum(ss, scratch) / blockDim.x", "divides by the block's 256 threads"),
+    ("rsqrtf(block_sum(ss, scratch) / n + eps)", "1.0f / (sqrtf(block_sum(ss, scratch) / n) + eps)",
+     "eps is added after the square root"),
+    ("const float v = x[i] + y[i];\n        x[i] = v;\n        ss += v * v;",
+     "ss += x[i] * x[i];\n        x[i] += y[i];", "the sum of squares is of x before the add"),
+    ("        x[i] = v;\n", "", "x is unchanged"),
+    ("    __shared__ float scratch[32];", "    return;\n    __shared__ float scratch[32];", "your kernel wrote nothing"),
+])
+def test_add_rms_norm_checker_passes_a_solution_and_names_mistakes(backend, old, new, named):
+    assert check_add_rms_norm(ADD_RMS_NORM_SOLUTION, backend=backend)
+    assert old in ADD_RMS_NORM_SOLUTION
+    result = check_add_rms_norm(ADD_RMS_NORM_SOLUTION.replace(old, new), backend=backend)
+    assert not result and named in str(result), str(result)
+
+
 def test_checkers_explain_themselves_without_a_backend(monkeypatch):
     monkeypatch.setattr(checks_cuda, "get_backend", lambda kind="auto": None)     # where the checkers look
     result = check_qmatvec_q4_1(KERNEL_SOURCES["qmatvec_q4_1"])
     assert not result and "cannot run CUDA kernels" in str(result) and "on a GPU" in str(result)
     with pytest.raises(TypeError, match="the candidate must be CUDA C source"):
         check_qmatvec_swiglu(42)
+    monkeypatch.setattr(checks_cuda, "backend_status", lambda: "no GPU, no emulator")
+    assert "cannot run CUDA kernels: no GPU, no emulator" in str(check_add_rms_norm(ADD_RMS_NORM_SOLUTION))
 
 
 # ---------------------------------------------------------------- on a real GPU only
