@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from . import emulator
-from .compiler import (compile_options, cuobjdump_path, decode_source, kernel_resources, nvrtc_compile,
-                                      nvrtc_library)
+from .compiler import (
+    compile_options, cuobjdump_path, decode_source, kernel_resources, nvrtc_compile, nvrtc_library)
 
 # %% ../../notebooks/09_cuda_kernels.ipynb #229ab348
 def gpu_available() -> tuple:

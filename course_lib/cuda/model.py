@@ -14,8 +14,8 @@ import torch
 
 from .attention import attention_n_splits, cuda_attention, cuda_attention_split
 from .backend import Backend, backend_status, empty, get_backend, to_device, to_host
-from .layers import (cuda_advance_pos, cuda_argmax, cuda_embedding, cuda_rms_norm, cuda_rope_kv_cache,
-                                    cuda_swiglu)
+from .layers import (
+    cuda_advance_pos, cuda_argmax, cuda_embedding, cuda_rms_norm, cuda_rope_kv_cache, cuda_swiglu)
 from .matvec import QuantMatrix, _check_launch_shape, cuda_qmatvec, upload_matrix
 from .matvec_dp4a import cuda_qmatvec_dp4a, cuda_quantize_x
 from ..model import ModelArgs, Transformer
