@@ -2,7 +2,8 @@
 
 Modules:
 
-- `course_lib.check`: Exercise checkers: `course_lib.check.<name>(candidate)` checks your version of `course_lib.<name>`."""
+- `course_lib.check`: Exercise checkers: `course_lib.check.<name>(candidate)` checks your version of `course_lib.<name>`.
+- `course_lib.cuda.emulator.cupy_api`: The part of CuPy's API that chapter 09 uses, on top of the CPU emulator of CUDA C."""
 
 # This file is an index, written by hand (nbdev writes only the docstring above): it re-exports
 # the public API that homework and graders use. Every other module except check.py is generated

@@ -23,4 +23,5 @@ from .checks.generation import check_apply_temperature as apply_temperature, che
 from .checks.cli import check_fit_conversation as fit_conversation                                            # 07d
 from .quantization import check_quantize_q8_0 as quantize_q8_0, check_quantize_q4_1 as quantize_q4_1
 from .quantization import check_quantize_q4_0 as quantize_q4_0, check_perplexity as perplexity
-from .cuda import check_qmatvec_q4_1 as qmatvec_q4_1, check_qmatvec_swiglu as qmatvec_swiglu
+from .checks.cuda import check_qmatvec_q4_1 as qmatvec_q4_1, check_qmatvec_swiglu as qmatvec_swiglu     # 09
+from .checks.gpu_decoder import check_add_rms_norm as add_rms_norm                                          # 09b
