@@ -34,6 +34,8 @@ if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
 fi
 
 "${pip[@]}" install -e ".[course,dev]"
+# nbdev-export loads the course's export processor (pyproject.toml's export_procs) from tools/: put it on the path
+.venv/bin/python -c 'import site, sys; open(site.getsitepackages()[0] + "/course_lib_tools.pth", "w").write(sys.argv[1] + "\n")' "$PWD/tools"
 
 # Chapter 09 on a GPU: the CuPy wheel and NVRTC must match a CUDA version the driver supports. The driver
 # prints the newest it supports; a CUDA 12 stack runs on 12.x and 13.x drivers, a CUDA 13 stack needs 13.

@@ -12,9 +12,9 @@ A shared machine slows some seconds and not others, so the script also times eve
 its own (from one new token to the next: for transformers, between calls of a logits processor that
 only takes the time; for course_lib, between the ids generate_tokens yields) and prints the median
 step of each implementation over all runs: a burst of load moves a few steps, not the median.
-course_lib runs twice: "out_in", PyTorch's default weight layout, and "in_out", after
-`model.set_weight_layout("in_out")`: the same weights stored as transposes of (in, out) matrices,
-with each layer's wq, wk, wv as blocks of one matrix (chapters 04, 06 and 07c).
+course_lib runs twice: "plain", the model of chapters 04-06 as the loader returns it, and "fused", after
+chapter 07c's `fuse_model(model)`: the same weights, each layer's wq, wk, wv (and w1, w3) as one matrix,
+every matrix stored as the transpose of an (in, out) matrix.
 Needs transformers (a dev dependency) and the cached model (`python -m course_lib fetch`).
 """
 import argparse
@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from tqdm import tqdm
 
+from course_lib.fused import fuse_model
 from course_lib.generation import generate_tokens
 from course_lib.gguf_tokenizer import GGUFTokenizer
 from course_lib.weights import fetch_smollm2, load_gguf_model, read_gguf
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
     prompt = GGUFTokenizer(gf).encode(PROMPT)
     max_seq_len = len(prompt) + args.new_tokens
     ours = load_gguf_model(gf, max_seq_len=max_seq_len).eval()
-    ours_in_out = copy.deepcopy(ours).set_weight_layout("in_out")
+    ours_fused = fuse_model(copy.deepcopy(ours))
     hf = load_transformers(path)
 
     steps = {}                                          # name -> seconds between consecutive new tokens
@@ -106,17 +107,17 @@ def main(argv=None) -> int:
             steps.setdefault(name, []).extend(b - a for a, b in zip(stamps, stamps[1:]))
         return out[0, len(prompt):].tolist()
 
-    contenders = {"transformers": run_hf, "course_lib out_in": lambda name=None: run_ours(ours, name),
-                  "course_lib in_out": lambda name=None: run_ours(ours_in_out, name)}
+    contenders = {"transformers": run_hf, "course_lib plain": lambda name=None: run_ours(ours, name),
+                  "course_lib fused": lambda name=None: run_ours(ours_fused, name)}
     outputs = {name: fn() for name, fn in contenders.items()}          # warm-up: caches, allocator, kernels
     lengths = {name: len(o) for name, o in outputs.items()}
     assert set(lengths.values()) == {args.new_tokens}, lengths
     # transformers forbids eos until the end (min_new_tokens), course_lib does not: compare up to the first eos
     eos = gf.metadata["tokenizer.ggml.eos_token_id"]
     ref = outputs["transformers"]
-    agree = next((i for i, (a, b) in enumerate(zip(ref, outputs["course_lib out_in"])) if a != b), len(ref))
-    agree_in_out = next((i for i, (a, b) in enumerate(zip(ref, outputs["course_lib in_out"])) if a != b), len(ref))
-    first_eos = outputs["course_lib out_in"].index(eos) if eos in outputs["course_lib out_in"] else None
+    agree = next((i for i, (a, b) in enumerate(zip(ref, outputs["course_lib plain"])) if a != b), len(ref))
+    agree_fused = next((i for i, (a, b) in enumerate(zip(ref, outputs["course_lib fused"])) if a != b), len(ref))
+    first_eos = outputs["course_lib plain"].index(eos) if eos in outputs["course_lib plain"] else None
 
     times = {name: [] for name in contenders}
     for _ in tqdm(range(args.runs), desc="alternating runs", unit="run", file=sys.stderr):
@@ -131,13 +132,13 @@ def main(argv=None) -> int:
           f"torch {torch.__version__}, transformers {transformers_version()}")
     print(f"prompt {len(prompt)} tokens, {args.new_tokens} new tokens (greedy, eos ignored), "
           f"{args.runs} alternating runs each; tokens/s = new tokens / time of the whole call")
-    print(f"same greedy tokens as transformers: out_in {agree}/{len(ref)}, in_out {agree_in_out}/{len(ref)}"
+    print(f"same greedy tokens as transformers: plain {agree}/{len(ref)}, fused {agree_fused}/{len(ref)}"
           + (f" (course_lib chose eos at position {first_eos}; transformers may not before the end)"
-             if first_eos is not None and min(agree, agree_in_out) < len(ref) else ""))
+             if first_eos is not None and min(agree, agree_fused) < len(ref) else ""))
     print(f"{'tokens/s':>20} {'median':>7} {'best':>6}   runs")
     for name in contenders:
         print(f"{name:>20} {median[name]:7.1f} {max(rate[name]):6.1f}   " + " ".join(f"{r:.1f}" for r in rate[name]))
-    for name in ("course_lib out_in", "course_lib in_out"):
+    for name in ("course_lib plain", "course_lib fused"):
         rounds = [a / b for a, b in zip(rate[name], rate["transformers"])]   # same round: same machine load
         print(f"{name + ' / transformers':>32}: {median[name] / median['transformers']:.2f}x (medians), "
               f"per round " + " ".join(f"{r:.2f}" for r in rounds) + f", median {statistics.median(rounds):.2f}x")
@@ -148,7 +149,7 @@ def main(argv=None) -> int:
         q = statistics.quantiles(steps[name], n=10)
         print(f"{name:>20} {1e3 * step[name]:6.1f} ms  = {1 / step[name]:5.1f} tokens/s"
               f"   (10% of steps under {1e3 * q[0]:.1f} ms, 10% over {1e3 * q[-1]:.1f} ms)")
-    for name in ("course_lib out_in", "course_lib in_out"):
+    for name in ("course_lib plain", "course_lib fused"):
         print(f"{name + ' / transformers':>32}: {step['transformers'] / step[name]:.2f}x (median decode steps)")
     return 0
 

@@ -3,7 +3,8 @@
 Modules:
 
 - `course_lib.check`: Exercise checkers: `course_lib.check.<name>(candidate)` checks your version of `course_lib.<name>`.
-- `course_lib.quantization`: Transitional, hand-written (issue 15): chapter 08's code now lives in `quant_formats`, `quant_model`, `evaluation` (notebooks/08_quantization.ipynb), `fast_cpu` and `c_step` (notebooks/08b_fast_cpu.ipynb). Chapter 09 (`cuda.py`, its tests and benchmarks/cuda_decode.py) and chapter 07d (`cli.py`) still import these names from here; delete this file once they import from the new modules."""
+- `course_lib.cuda.emulator.cupy_api`: The part of CuPy's API that chapter 09 uses, on top of the CPU emulator of CUDA C.
+- `course_lib.quantization`: Transitional, hand-written (issue 15): chapter 08's code now lives in `quant_formats`, `quant_model`, `evaluation` (notebooks/08_quantization.ipynb), `fast_cpu` and `c_step` (notebooks/08b_fast_cpu.ipynb). Chapters 07d (`cli.py`), 09 and 09b (`cuda/`, `checks/cuda.py`, their tests and benchmarks/cuda_decode.py) still import these names from here; delete this file once they import from the new modules."""
 
 # This file is an index, written by hand (nbdev writes only the docstring above): it re-exports
 # the public API that homework and graders use. Every other module except check.py is generated
@@ -18,13 +19,17 @@ from .attention import causal_mask, scaled_dot_product, repeat_kv, kv_cache_byte
 from .feed_forward import llama_hidden_dim, FeedForward                                      # 05
 from .model import (ModelArgs, PRESETS, TransformerBlock, Transformer, count_parameters,    # 06
                     args_from_hf_config, from_hf)
-from .weights import (fetch_smollm2, FetchError, read_gguf, load_gguf_model,              # 07
+from .decoding import Decoder, validate_decode_input                                           # 06
+from .gguf_format import read_gguf                                                          # 07
+from .weights import (fetch_smollm2, FetchError, load_gguf_model,              # 07
                       load_meta_checkpoint, load_hf_checkpoint)
 from .gguf_tokenizer import (GGUFTokenizer, bytes_to_unicode, pretokenize, bpe_word,        # 07b
                              render_chat_template, load_gguf, load_smollm2)
 from .generation import (METHODS, decoder_device, top_k_filter, top_p_filter, min_p_filter, next_token_probs,  # 07c
                          sample_next_token, apply_repetition_penalty, GenerationStats, generate_tokens,
                          generate_stream, generate, sampling_table)
+from .fused import fuse_model, is_fused, FusedAttention, FusedFeedForward                   # 07c
+from .cli import fit_conversation                                                           # 07d
 from .quant_formats import SCHEMES, quantize, dequantize                                    # 08
 from .quant_model import (QuantLinear, QuantEmbedding, quantize_model, weight_bytes, save_quantized,
                           load_quantized, export_gguf)

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['C_SOURCE', 'C_FLAGS', 'C_DEFINES', 'repack_rows8', 'unpack_rows8', 'CCompilerError', 'c_source', 'find_c_compiler', 'c_cache_dir', 'build_c_step', 'c_simd_level', 'CDecodeStep', 'c_matvec']
 
-# %% ../notebooks/08b_fast_cpu.ipynb #51725475
+# %% ../notebooks/08b_fast_cpu.ipynb #ed672b9a
 import ctypes
 import hashlib
 import os
@@ -20,10 +20,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .decoding import check_decode_input
+from .decoding import validate_decode_input
 from .model import Transformer
 from .quant_formats import _check_scheme, block_bytes, block_size
-from .weights import GGML_BLOCKS
+from .gguf_format import GGML_BLOCKS
 
 
 def repack_rows8(blocks: torch.Tensor, scheme: str) -> torch.Tensor:
@@ -63,7 +63,7 @@ def unpack_rows8(packed: torch.Tensor, scheme: str, rows: int) -> torch.Tensor:
     b = torch.cat(parts, dim=-1).transpose(1, 2)                           # (groups, 8, nb, bb)
     return b.reshape(g * 8, -1)[:rows].contiguous()
 
-# %% ../notebooks/08b_fast_cpu.ipynb #bfc170d5
+# %% ../notebooks/08b_fast_cpu.ipynb #cecd6dc0
 class CCompilerError(RuntimeError):
     "No C compiler, or the C decode step did not compile."
 
@@ -153,7 +153,7 @@ def c_simd_level(lib: ctypes.CDLL) -> str:
     "Which matvec code a built library runs: 'portable', 'avx2' or 'avx512-vnni'."
     return ("portable", "avx2", "avx512-vnni")[lib.course_simd()]
 
-# %% ../notebooks/08b_fast_cpu.ipynb #dfebe0e1
+# %% ../notebooks/08b_fast_cpu.ipynb #25cb54b0
 _C_TYPES = {None: 0, "q8_0": 1, "q4_0": 2, "q4_1": 3}                 # the C enum: F32, Q8_0, Q4_0, Q4_1
 
 
@@ -233,8 +233,8 @@ class CDecodeStep(nn.Module):
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, last_only: bool = False) -> torch.Tensor:
         "Logits (1, seq or 1, vocab) float32 for tokens (1, seq) at positions start_pos.., called like the Transformer."
-        check_decode_input(self, tokens, start_pos, one_sequence=True,
-                           batch_hint="use the quantized Transformer for batches")
+        validate_decode_input(self, tokens, start_pos, one_sequence=True,
+                              batch_hint="use the quantized Transformer for batches")
         return self.run(tokens, start_pos, last_only)
 
     def run(self, tokens: torch.Tensor, start_pos: int, last_only: bool = False) -> torch.Tensor:

@@ -3,18 +3,18 @@
 # %% auto #0
 __all__ = ['KERNELS', 'to_int4pack', 'int4_scales_and_zeros', 'q8_0_as_int4', 'Int4Matmul', 'int4_matmul', 'FastQuantModel']
 
-# %% ../notebooks/08b_fast_cpu.ipynb #234373cf
+# %% ../notebooks/08b_fast_cpu.ipynb #91b32d27
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .attention import causal_mask
 from .c_step import CCompilerError, CDecodeStep
-from .decoding import check_decode_input
+from .decoding import validate_decode_input
 from .model import Transformer
 from .quant_formats import _check_scheme, block_bytes, block_size
 
-# %% ../notebooks/08b_fast_cpu.ipynb #591d15d3
+# %% ../notebooks/08b_fast_cpu.ipynb #cdb0f3eb
 def to_int4pack(blocks: torch.Tensor, scheme: str, shape, dtype=torch.bfloat16):
     "Q4_0/Q4_1 blocks -> (packed uint8 (out, in/2), scales_and_zeros (in/32, out, 2) in dtype) for the int4 kernel."
     scheme = _check_4bit(scheme, "to_int4pack")
@@ -45,7 +45,7 @@ def int4_scales_and_zeros(blocks: torch.Tensor, scheme: str) -> torch.Tensor:
         zero = torch.zeros_like(d)
     return torch.cat([d, zero], dim=1)
 
-# %% ../notebooks/08b_fast_cpu.ipynb #2938ad52
+# %% ../notebooks/08b_fast_cpu.ipynb #a1070495
 _int4_mm = torch.ops.aten._weight_int4pack_mm_for_cpu
 
 
@@ -101,7 +101,7 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.T
     y = _int4_mm(x, packed, group_size, scales_and_zeros)
     return y if y.shape[1] == out_features else y[:, :out_features]
 
-# %% ../notebooks/08b_fast_cpu.ipynb #8c2eec07
+# %% ../notebooks/08b_fast_cpu.ipynb #90fdda6a
 class _FastBlock(nn.Module):
     "One decoder block's weights for FastQuantModel: fused int4 products, float32 norms, a bf16 KV cache."
     def __init__(self, layer, max_seq_len: int):
@@ -210,8 +210,8 @@ class FastQuantModel(nn.Module):
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, last_only: bool = False) -> torch.Tensor:
         "Logits (1, seq or 1, vocab) float32 for tokens (1, seq) at positions start_pos.. (KV cache as in Transformer)."
-        check_decode_input(self, tokens, start_pos, one_sequence=True,
-                           batch_hint="use the quantized Transformer for batches")
+        validate_decode_input(self, tokens, start_pos, one_sequence=True,
+                              batch_hint="use the quantized Transformer for batches")
         if self.c_step is not None:                                        # one C call per token
             logits = self.c_step.run(tokens, start_pos, last_only)
             self.cache_len = start_pos + tokens.shape[1]

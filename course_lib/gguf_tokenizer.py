@@ -10,7 +10,6 @@ import math
 import operator
 import re
 import unicodedata
-from collections import Counter
 from datetime import datetime
 from typing import Optional
 
@@ -19,15 +18,14 @@ import jinja2.ext
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .checking import Case, CheckResult, run_cases
 from .model import Transformer
-from .tokenizer import BPE, apply_merges, merge_pair
+from .tokenizer import merge_pair
 from .weights import GGUFFile, fetch_smollm2, load_gguf_model, read_gguf
 
 # %% auto #0
 __all__ = ['GPT2_SPLIT_PATTERN', 'GPT2_REGEX_PRE', 'SMOLLM2_MAX_SEQ_LEN', 'bytes_to_unicode', 'unicode_class', 'gpt2_split_regex',
            'pretokenize', 'bpe_word', 'rank_space_merges', 'apply_merges_heap', 'render_chat_template', 'GGUFTokenizer',
-           'load_gguf', 'load_smollm2', 'check_bytes_to_unicode', 'check_bpe_word']
+           'load_gguf', 'load_smollm2']
 
 # %% ../notebooks/07b_gguf_tokenizer.ipynb #7f3f8bf5
 def bytes_to_unicode() -> dict[int, str]:
@@ -368,120 +366,16 @@ SMOLLM2_MAX_SEQ_LEN = 2048   # load_smollm2's default: a KV cache of 94 MB in fl
 
 
 def load_gguf(path, max_seq_len: Optional[int] = None) -> tuple[Transformer, GGUFTokenizer]:
-    "(model, tokenizer) from a Llama GGUF file (path or GGUFFile): float32 weights in the in_out layout and the file's own tokenizer."
+    "(model, tokenizer) from a Llama GGUF file (path or GGUFFile): float32 weights and the file's own tokenizer."
     gf = path if isinstance(path, GGUFFile) else read_gguf(path)
     tokenizer = GGUFTokenizer(gf)            # first: a file without a usable tokenizer fails fast
     model = load_gguf_model(gf, max_seq_len=max_seq_len)
     if model.args.vocab_size != tokenizer.vocab_size:
         raise ValueError(f"{gf.path}: the model has vocab_size={model.args.vocab_size} but the tokenizer "
                          f"{tokenizer.vocab_size} tokens")
-    return model.set_weight_layout("in_out"), tokenizer   # same values, faster decoding (notebook 07c)
+    return model, tokenizer
 
 
 def load_smollm2(max_seq_len: Optional[int] = SMOLLM2_MAX_SEQ_LEN, progress: bool = True) -> tuple[Transformer, GGUFTokenizer]:
     "SmolLM2-135M-Instruct as (model, tokenizer), fetched once if needed; max_seq_len=None for all 8192 positions."
     return load_gguf(fetch_smollm2(progress=progress), max_seq_len=max_seq_len)
-
-# %% ../notebooks/07b_gguf_tokenizer.ipynb #04ac7767
-_TABLE_HINTS = [
-    (lambda b: b == 32, "space (32) is not printable in this scheme: it is one of the 68 bytes moved to chr(256 + n)"),
-    (lambda b: b == 173, "the soft hyphen (173, 0xAD) is not printable: the ranges are '¡'..'¬' and '®'..'ÿ'"),
-    (lambda b: b < 256, "printable bytes ('!'..'~', '¡'..'¬', '®'..'ÿ') map to chr(b); the others, in increasing "
-                        "order, to chr(256), chr(257), ..."),
-]
-
-
-def _table_case(candidate) -> Optional[str]:
-    table = candidate()
-    if not isinstance(table, dict):
-        return f"returned {type(table).__name__}, expected a dict {{byte: character}}"
-    expected = bytes_to_unicode()
-    if sorted(table) != list(range(256)):
-        wrong = sorted(set(table) ^ set(range(256)), key=str)[:5]
-        return f"its keys should be the ints 0..255, got {len(table)} keys (wrong or missing: {wrong})"
-    for b in range(256):
-        if not isinstance(table[b], str) or len(table[b]) != 1:
-            return f"table[{b}] should be one character, got {table[b]!r}"
-    for b in range(256):
-        if table[b] != expected[b]:
-            hint = next(h for test, h in _TABLE_HINTS if test(b))
-            return f"table[{b}] is {table[b]!r} (U+{ord(table[b]):04X}), expected U+{ord(expected[b]):04X}; {hint}"
-    return None
-
-
-def _bijection_case(candidate) -> Optional[str]:
-    table = candidate()
-    if isinstance(table, dict) and len(set(table.values())) != len(table):
-        dup = Counter(table.values()).most_common(1)[0][0]
-        return f"two bytes map to {dup!r}: the map must be one-to-one so tokens decode back to bytes"
-    return None
-
-
-def check_bytes_to_unicode(candidate) -> CheckResult:
-    "Check a candidate `bytes_to_unicode() -> dict[int, str]` against GPT-2's table."
-    cases = [Case("one-to-one (no two bytes share a character)", _bijection_case,
-                  "each of the 256 bytes needs its own character"),
-             Case("the whole table, byte by byte", _table_case)]
-    return run_cases("bytes_to_unicode", candidate, cases)
-
-# %% ../notebooks/07b_gguf_tokenizer.ipynb #b4a87b3d
-def _bpe_case(word: str, ranks: dict):
-    def run(candidate):
-        got = candidate(word, dict(ranks))
-        expected = bpe_word(word, ranks)
-        if not isinstance(got, list):
-            return f"bpe_word({word!r}, ...) returned {type(got).__name__}, expected a list of str"
-        if got != expected:
-            if not all(isinstance(t, str) for t in got) or "".join(got) != word:
-                return f"bpe_word({word!r}, ranks) returned {got}, whose pieces do not join back into the word"
-            return f"bpe_word({word!r}, ranks) returned {got}, expected {expected}"
-        return None
-    return run
-
-
-_BPE_SAMPLE = ("the cat sat on the mat; the rat ate the hat, then the cat ate the rat! "
-               "naïve café, 日本, 🙂 and 1234   5678\n\n  that's that ") * 4
-
-
-@functools.lru_cache(maxsize=1)
-def _learned_ranks() -> tuple:
-    "Ranks and chunks from chapter 01's BPE trained on a small sample, spelled in GPT-2's byte alphabet."
-    bpe = BPE.train(_BPE_SAMPLE, 330)
-    b2u = bytes_to_unicode()
-    spelled = lambda i: "".join(b2u[b] for b in bpe.vocab[i])
-    ranks = {(spelled(a), spelled(b)): rank for rank, (a, b) in enumerate(bpe.merges)}
-    ranks = dict(reversed(list(ranks.items())))         # insertion order is no guide to rank
-    words = sorted({"".join(b2u[b] for b in c.encode("utf-8")) for c in pretokenize(_BPE_SAMPLE)})
-    return ranks, words
-
-
-def _learned_case(candidate) -> Optional[str]:
-    ranks, words = _learned_ranks()
-    for word in words:
-        problem = _bpe_case(word, ranks)(candidate)
-        if problem:
-            return problem
-    return None
-
-
-def check_bpe_word(candidate) -> CheckResult:
-    "Check a candidate `bpe_word(word: str, ranks: dict[(str, str), int]) -> list[str]`."
-    cases = [
-        Case("empty word", _bpe_case("", {("a", "b"): 0}), "no characters, no tokens: return []"),
-        Case("no ranks", _bpe_case("Ġhi", {}), "without merges every character (byte) is a token"),
-        Case("one merge", _bpe_case("Ġthe", {("Ġ", "t"): 0}), "merge the pair that has a rank"),
-        Case("a merge that builds on a merge", _bpe_case("Ġthe", {("Ġ", "t"): 0, ("h", "e"): 1, ("Ġt", "he"): 2}),
-             "keep merging until no adjacent pair has a rank"),
-        Case("lowest rank first, not leftmost", _bpe_case("abc", {("b", "c"): 0, ("a", "b"): 1}),
-             "pick the pair with the smallest rank among all adjacent pairs, wherever it is"),
-        Case("rank values, not dict order", _bpe_case("abc", {("a", "b"): 7, ("b", "c"): 3}),
-             "compare the rank values; the dict's order means nothing"),
-        Case("repeated pair 'aaaa'", _bpe_case("aaaa", {("a", "a"): 0}),
-             "replace every non-overlapping occurrence, left to right (chapter 01's merge_pair)"),
-        Case("'aaaaa' with aa and aaaa", _bpe_case("aaaaa", {("a", "a"): 0, ("aa", "aa"): 1}),
-             "after merging, look at the new pairs: (aa, aa) can merge again"),
-        Case("non-ASCII spelled in bytes: 'ĠcafÃ©'", _bpe_case("ĠcafÃ©", {("Ã", "©"): 0, ("Ġ", "c"): 1}),
-             "each character of the word is one byte; merge them like any other"),
-        Case("ranks learned by chapter 01's BPE, every word of its sample", _learned_case),
-    ]
-    return run_cases("bpe_word", candidate, cases)

@@ -2,22 +2,19 @@
 
 # %% auto #0
 __all__ = ['PRESETS', 'ModelArgs', 'TransformerBlock', 'Transformer', 'parameter_breakdown', 'count_parameters', 'model_bytes',
-           'memory_bytes', 'guard_model_size', 'args_from_hf_config', 'from_hf', 'check_TransformerBlock',
-           'check_count_parameters']
+           'memory_bytes', 'guard_model_size', 'args_from_hf_config', 'from_hf']
 
 # %% ../notebooks/06_model.ipynb #e2063f91
 import math
 import os
-from dataclasses import dataclass, replace
-from numbers import Integral
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import nn
 
 from .attention import Attention, causal_mask
-from .checking import Case, CheckResult, compare, run_cases
-from .decoding import check_decode_input
+from .decoding import validate_decode_input
 from .validation import trusted_inputs
 from .feed_forward import FeedForward, llama_hidden_dim
 from .rmsnorm import RMSNorm
@@ -125,9 +122,14 @@ class Transformer(nn.Module):
         self.register_buffer("freqs_cis", freqs_cis, persistent=False)  # (max_seq_len, head_dim/2)
         self.cache_len, self.cache_batch_size = 0, 0  # what the layers' KV caches hold now
 
+    @property
+    def device(self) -> torch.device:
+        "Where the model lives (its RoPE table's device): tokens go there."
+        return self.freqs_cis.device
+
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, last_only: bool = False) -> torch.Tensor:
         "Logits for `tokens` (batch, seq) at positions start_pos .. start_pos+seq-1 (only the last if `last_only`)."
-        check_decode_input(self, tokens, start_pos)   # once, here: the layers below trust their inputs
+        validate_decode_input(self, tokens, start_pos)   # once, here: the layers below trust their inputs
         bsz, seq = tokens.shape
         h = self.tok_embeddings(tokens.long())                  # (batch, seq, dim)
         freqs_cis = self.freqs_cis[start_pos:start_pos + seq]   # (seq, head_dim/2), a view
@@ -136,27 +138,10 @@ class Transformer(nn.Module):
         with trusted_inputs():                                  # checked above: the layers skip their checks
             for layer in self.layers:
                 h = layer(h, start_pos, freqs_cis, mask)        # (batch, seq, dim)
-        self.cache_len, self.cache_batch_size = start_pos + seq, bsz
-        if last_only:  # generation needs only the next token's logits: skip (seq-1) × vocab_size × dim work
-            h = h[:, -1:]                                       # (batch, 1, dim)
-        return self.output(self.norm(h)).float()                # (batch, seq or 1, vocab_size)
-
-    def set_weight_layout(self, layout: str) -> "Transformer":
-        "'in_out': store each nn.Linear weight as the transpose of an (in, out) matrix, wq/wk/wv and w1/w3 fused (Attention.fuse_qkv, FeedForward.fuse_w13); 'out_in': PyTorch's default."
-        if layout not in ("out_in", "in_out"):
-            raise ValueError(f"layout must be 'out_in' or 'in_out', got {layout!r}")
-        with torch.no_grad():
-            for module in self.modules():
-                if isinstance(module, nn.Linear):
-                    w = module.weight.detach()                  # (out, in), same values either way
-                    w = w.t().contiguous().t() if layout == "in_out" else w.contiguous()
-                    module.weight = nn.Parameter(w, requires_grad=module.weight.requires_grad)
-            for layer in self.layers:                           # q, k, v: one (dim, q+k+v) matrix; w1, w3 one too
-                layer.attention.fuse_qkv(layout == "in_out")
-                layer.feed_forward.fuse_w13(layout == "in_out")
-        if self.args.tie_embeddings:
-            self.tok_embeddings.weight = self.output.weight     # keep one matrix for both uses
-        return self
+            self.cache_len, self.cache_batch_size = start_pos + seq, bsz
+            if last_only:  # generation needs only the next token's logits: skip (seq-1) × vocab_size × dim work
+                h = h[:, -1:]                                   # (batch, 1, dim)
+            return self.output(self.norm(h)).float()            # (batch, seq or 1, vocab_size)
 
 # %% ../notebooks/06_model.ipynb #e2c348eb
 def parameter_breakdown(args: ModelArgs) -> dict:
@@ -309,179 +294,3 @@ def from_hf(hf_model, max_seq_len: Optional[int] = None, max_bytes: Optional[int
     model = Transformer(args)
     model.load_state_dict(ours, strict=True)
     return model.eval()
-
-# %% ../notebooks/06_model.ipynb #6da05c02
-_BLOCK_ARGS = ModelArgs(dim=48, n_layers=2, n_heads=6, n_kv_heads=2, vocab_size=64, hidden_dim=80, max_seq_len=16)
-
-
-def _block_reference(seed: int):
-    "A course TransformerBlock with random weights and two different norm weights, plus an input."
-    args = _BLOCK_ARGS
-    torch.manual_seed(seed)
-    ref = TransformerBlock(1, args)
-    with torch.no_grad():
-        ref.attention_norm.weight.copy_(1 + 0.5 * torch.randn(args.dim))
-        ref.ffn_norm.weight.copy_(1 + 0.5 * torch.randn(args.dim))
-    x = torch.randn(2, 8, args.dim)                                    # (batch, seq, dim)
-    freqs_cis = precompute_freqs_cis(args.head_dim, args.max_seq_len, args.rope_theta)
-    return ref, x, freqs_cis
-
-
-def _load_candidate(candidate, ref):
-    "Build candidate(1, args) and copy the reference's weights into it; (module, None) or (None, problem)."
-    block = candidate(1, replace(_BLOCK_ARGS))
-    if not isinstance(block, nn.Module):
-        return None, f"candidate(layer_id, args) returned {type(block).__name__}, expected an nn.Module"
-    want, have = ref.state_dict(), block.state_dict()
-    missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
-    if missing or extra:
-        return None, f"parameter names differ from the course's: missing {missing}, unexpected {extra}"
-    for k in want:
-        if have[k].shape != want[k].shape:
-            return None, f"{k} has shape {tuple(have[k].shape)}, expected {tuple(want[k].shape)}"
-    block.load_state_dict(want)
-    return block, None
-
-
-def _block_mistakes(ref, x, freqs_cis, mask):
-    "Outputs of typical wrong blocks at start_pos=0, built from the reference's own submodules."
-    attn = lambda z, m=mask: ref.attention(z, 0, freqs_cis, m)
-    ff, n1, n2 = ref.feed_forward, ref.attention_norm, ref.ffn_norm
-    h = x + attn(n1(x))
-    post = n1(x + attn(x))
-    h_nores = attn(n1(x))
-    h_nomask = x + attn(n1(x), None)
-    h_normres = n1(x) + attn(n1(x))
-    return [
-        ("normalizes after the residual add (post-norm) instead of normalizing each sublayer's input "
-         "(pre-norm)", n2(post + ff(post))),
-        ("has no residual around attention (h should include x)", h_nores + ff(n2(h_nores))),
-        ("has no residual around the feed-forward (out should include h)", ff(n2(h))),
-        ("has no residual connections at all", ff(n2(h_nores))),
-        ("uses attention_norm before the feed-forward too (that is ffn_norm's job)", h + ff(n1(h))),
-        ("feeds x instead of h into the feed-forward branch", h + ff(n2(x))),
-        ("adds the normalized input to the residual instead of x itself", h_normres + ff(n2(h_normres))),
-        ("does not pass `mask` to attention, so prompt positions attend to later ones", h_nomask + ff(n2(h_nomask))),
-    ]
-
-
-def _diagnose(got, mistakes) -> str:
-    for description, out in mistakes:
-        if compare(got, out, atol=1e-5, rtol=1e-4) is None:
-            return f"; your output matches a block that {description}"
-    return ""
-
-
-def check_TransformerBlock(candidate) -> CheckResult:
-    "Check a class built like TransformerBlock(layer_id, args) on prefill, chunked prefill and decode steps."
-    def prefill(cand):
-        ref, x, freqs_cis = _block_reference(0)
-        block, problem = _load_candidate(cand, ref)
-        if problem:
-            return problem
-        mask = causal_mask(7)                                          # (7, 7)
-        with torch.no_grad():
-            expected = ref(x[:, :7], 0, freqs_cis[:7], mask)
-            got = block(x[:, :7], 0, freqs_cis[:7], mask)
-            problem = compare(got, expected, what="output", atol=1e-5, rtol=1e-4)
-            if problem:
-                problem += _diagnose(got, _block_mistakes(ref, x[:, :7], freqs_cis[:7], mask))
-        return problem
-
-    def after_prefill(seed: int, n_cached: int, n_new: int, what: str):
-        "A case: both blocks prefill positions 0..n_cached-1, then the next n_new positions are compared."
-        def run(cand):
-            ref, x, freqs_cis = _block_reference(seed)
-            block, problem = _load_candidate(cand, ref)
-            if problem:
-                return problem
-            new = slice(n_cached, n_cached + n_new)
-            mask = causal_mask(n_new, start_pos=n_cached) if n_new > 1 else None  # (n_new, n_cached + n_new)
-            with torch.no_grad():
-                for b in (ref, block):
-                    b(x[:, :n_cached], 0, freqs_cis[:n_cached], causal_mask(n_cached))
-                expected = ref(x[:, new], n_cached, freqs_cis[new], mask)
-                got = block(x[:, new], n_cached, freqs_cis[new], mask)
-            return compare(got, expected, what=what, atol=1e-5, rtol=1e-4)
-        return run
-
-    chunked = after_prefill(1, n_cached=4, n_new=3, what="output of the second chunk")  # mask (3, 7)
-    decode = after_prefill(2, n_cached=7, n_new=1, what="output of the decode step")    # mask=None
-
-    hint = ("pre-norm: each branch reads a normalized copy of the stream (its own norm) and adds its result "
-            "back to the stream; attention needs start_pos, freqs_cis and mask")
-    cases = [
-        Case("prefill: x (2, 7, 48), start_pos=0, causal mask (7, 7), GQA 6 query / 2 K/V heads",
-             prefill, hint=hint),
-        Case("chunked prefill: positions 0..3, then x (2, 3, 48) at start_pos=4 with mask (3, 7)",
-             chunked, hint="pass start_pos, freqs_cis and mask on to self.attention unchanged"),
-        Case("decode: 7 positions cached, then x (2, 1, 48) at start_pos=7, mask=None", decode,
-             hint="a decode step runs the same two residual branches; only the attention sees the cache"),
-    ]
-    with torch.random.fork_rng():  # seeds the references; leaves the student's random state alone
-        return run_cases("TransformerBlock", candidate, cases)
-
-# %% ../notebooks/06_model.ipynb #e381dcef
-def _args_summary(args: ModelArgs) -> str:
-    "The fields that decide the parameter count, as `name=value` pairs."
-    fields = ["dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size"]
-    if args.hidden_dim is not None:
-        fields.append("hidden_dim")
-    else:
-        fields += ["multiple_of"] + (["ffn_dim_multiplier"] if args.ffn_dim_multiplier is not None else [])
-    if args.tie_embeddings:
-        fields.append("tie_embeddings")
-    return ", ".join(f"{f}={getattr(args, f)}" for f in fields)
-
-
-def _count_diagnosis(args: ModelArgs, got: int, expected: int) -> str:
-    "Name the typical mistake that explains got - expected, if one does."
-    d, L, V = args.dim, args.n_layers, args.vocab_size
-    kv_dim = args.n_kv_heads * args.head_dim
-    diff = got - expected
-    if args.tie_embeddings and diff == V * d:
-        return "the output matrix is counted although it is tied to tok_embeddings (one matrix, count it once)"
-    if not args.tie_embeddings and diff == -V * d:
-        return "the output matrix (vocab_size × dim) is missing; only tied models share it with tok_embeddings"
-    if args.tie_embeddings and diff == -V * d:
-        return "the embedding matrix is missing entirely; tied means one vocab_size × dim matrix, not zero"
-    if kv_dim != d and diff == 2 * L * d * (d - kv_dim):
-        return (f"GQA is ignored: wk and wv map dim={d} to n_kv_heads × head_dim = {kv_dim}, "
-                f"not to dim")
-    if diff == -(2 * L * d + d):
-        return "the RMSNorm weights are missing: two per layer (dim each) plus the final norm"
-    if diff == -2 * L * d:
-        return "the two RMSNorm weights per layer (attention_norm, ffn_norm) are missing"
-    if diff == -d:
-        return "the final norm's weight (dim) is missing"
-    if diff % (3 * L * d) == 0:
-        f_got = args.ffn_hidden_dim + diff // (3 * L * d)
-        return (f"the feed-forward size is wrong: your count implies {f_got} per layer, this config has "
-                f"{args.ffn_hidden_dim}; use hidden_dim when it is set, else llama_hidden_dim(dim, "
-                f"multiple_of, ffn_dim_multiplier)")
-    return ""
-
-
-def check_count_parameters(candidate) -> CheckResult:
-    "Check a function count_parameters(args) -> int on every preset and an MQA config."
-    configs = [(f"preset {name!r}", a) for name, a in PRESETS.items()]
-    configs.append(("MQA config", ModelArgs(dim=96, n_layers=3, n_heads=6, n_kv_heads=1, vocab_size=500,
-                                            multiple_of=32, tie_embeddings=True)))
-
-    def case(args):
-        def run(cand):
-            got = cand(replace(args))                                  # a copy: the candidate may not mutate ours
-            if not isinstance(got, Integral) or isinstance(got, bool):
-                return f"returned {type(got).__name__} {got!r}; return an exact Python int"
-            expected = count_parameters(args)
-            if got == expected:
-                return None
-            problem = f"expected {expected:,}, got {int(got):,} (difference {int(got) - expected:+,})"
-            cause = _count_diagnosis(args, int(got), expected)
-            return problem + (f"; likely cause: {cause}" if cause else "")
-        return run
-
-    hint = ("go matrix by matrix: wq, wk, wv, wo, w1, w2, w3 and two norms per layer, then tok_embeddings, "
-            "the final norm and output; no biases")
-    return run_cases("count_parameters", candidate,
-                     [Case(f"{label} ({_args_summary(a)})", case(a), hint=hint) for label, a in configs])

@@ -7,7 +7,7 @@ __all__ = ['SCHEMES', 'absmax_quantize', 'absmax_dequantize', 'block_size', 'blo
 # %% ../notebooks/08_quantization.ipynb #f6d1ea28
 import torch
 
-from .weights import GGML_BLOCKS, dequantize_q4_0, dequantize_q4_1, dequantize_q8_0
+from .gguf_format import GGML_BLOCKS, dequantize_q4_0, dequantize_q4_1, dequantize_q8_0
 
 # %% ../notebooks/08_quantization.ipynb #13330b12
 def _check_matrix(w, multiple: int, name: str = "w") -> torch.Tensor:

@@ -24,7 +24,8 @@ from .fast_cpu import to_int4pack
 from .model import ModelArgs, Transformer, guard_model_size
 from .quant_formats import _check_scheme, block_bytes, block_size, dequantize, quantize
 from .validation import inputs_trusted
-from .weights import GGUFFile, _meta_to_gguf_name, read_gguf
+from .gguf_format import GGUFFile, read_gguf
+from .weights import _meta_to_gguf_name
 
 MATMULS = ("dequant", "fast")   # how a QuantLinear multiplies: dequantize to float32, or PyTorch's int4 kernel
 
@@ -119,8 +120,6 @@ def _swap(model: Transformer, scheme: str, output_scheme: Optional[str], matmul:
           progress: bool = False):
     "Replace the linear layers (and embedding/output) with quantized modules, in place."
     for layer in tqdm(model.layers, desc=f"quantizing to {scheme}", unit="layer", disable=not progress, file=sys.stderr):
-        layer.attention.fuse_qkv(False)          # chapter 07c's fused float copies go too
-        layer.feed_forward.fuse_w13(False)
         for name in LINEAR_NAMES:
             parent_name, child = name.split(".")
             parent = getattr(layer, parent_name)

@@ -8,20 +8,25 @@ import numbers
 import torch
 from torch import nn
 
-from .checking import Case, CheckResult, compare, run_cases
+from .validation import inputs_trusted
 
 # %% auto #0
-__all__ = ['rms_norm', 'RMSNorm', 'check_rms_norm', 'check_RMSNorm', 'check_rms_norm_backward']
+__all__ = ['rms_norm', 'RMSNorm']
 
 # %% ../notebooks/02_rmsnorm.ipynb #e984884c
-def _check_rms_norm_args(x, weight, eps):
-    "Raise TypeError/ValueError naming the bad argument of `rms_norm`."
+def _check_x(x):
+    "x must be a floating-point tensor with at least one dimension (the one that is normalised)."
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension (the last one is normalised), got a 0-d tensor")
+
+
+def _check_rms_norm_args(x, weight, eps):
+    "Raise TypeError/ValueError naming the bad argument of `rms_norm` (shapes and types only: no device sync)."
+    _check_x(x)
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
     if tuple(weight.shape) != (x.shape[-1],):
@@ -40,7 +45,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    "rms_norm without its argument checks (RMSNorm.forward checks x itself)."
+    "rms_norm without its argument checks (RMSNorm.forward checks x only when called directly)."
     # float16 squares overflow above 256, bfloat16 keeps only 8 significant bits: those go to float32;
     # float32/64 are used as they are, with no casts to pay for
     x32 = x.float() if x.element_size() < 4 else x                    # (..., dim)
@@ -49,6 +54,13 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return (normed if normed.dtype == x.dtype else normed.type_as(x)) * weight   # cast back, then the gain
 
 # %% ../notebooks/02_rmsnorm.ipynb #3a355a55
+def _check_layer_input(x, dim: int):
+    "RMSNorm.forward's check: x is a floating-point tensor (..., dim)."
+    if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[-1] != dim:
+        raise ValueError(f"x has last dimension {x.shape[-1]}, expected dim={dim}")
+    _check_x(x)
+
+
 class RMSNorm(nn.Module):
     "Root-mean-square norm: x / sqrt(mean(x²) + eps) * weight, computed in float32, cast back."
     def __init__(self, dim: int, eps: float = 1e-6):
@@ -65,258 +77,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(self.dim))  # (dim,) learned gain
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., dim) -> (..., dim)
-        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() > 0 and x.shape[-1] == self.dim:
-            return _rms_norm(x, self.weight, self.eps)  # x is fine, and __init__ checked dim and eps
-        if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[-1] != self.dim:
-            raise ValueError(f"x has last dimension {x.shape[-1]}, expected dim={self.dim}")
-        return rms_norm(x, self.weight, self.eps)       # raises the error that names the problem
+        if not inputs_trusted():           # inside a model's forward pass the model has checked its input
+            _check_layer_input(x, self.dim)
+        return _rms_norm(x, self.weight, self.eps)   # __init__ checked dim and eps
 
     def extra_repr(self) -> str: return f"{self.dim}, eps={self.eps}"
-
-# %% ../notebooks/02_rmsnorm.ipynb #d89ebed4
-_TOL = {  # (atol, rtol) per dtype: loose enough for a different but correct order of operations
-    torch.float64: (1e-6, 1e-5), torch.float32: (1e-5, 1e-4),
-    torch.float16: (1e-3, 4e-3), torch.bfloat16: (1e-2, 3e-2),
-}
-
-
-def _f64(f):
-    "A mistake evaluated in float64, so that only the mistake differs."
-    return lambda x, w, eps: f(x.double(), w.double(), eps)
-
-
-def _ms(x, dim=-1):
-    return x.pow(2).mean(dim, keepdim=True)
-
-
-# Wrong versions a student is likely to write: (what it does, f(x, weight, eps)).
-_FORWARD_MISTAKES = [
-    ("subtracts the mean first: that is LayerNorm, RMSNorm only rescales",
-     _f64(lambda x, w, e: (x - x.mean(-1, keepdim=True)) * torch.rsqrt(x.var(-1, unbiased=False, keepdim=True) + e) * w)),
-    ("divides by the standard deviation, which subtracts the mean; RMSNorm divides by sqrt(mean(x²))",
-     _f64(lambda x, w, e: x * torch.rsqrt(x.var(-1, unbiased=False, keepdim=True) + e) * w)),
-    ("forgets to multiply by the weight",
-     _f64(lambda x, w, e: x * torch.rsqrt(_ms(x) + e))),
-    ("uses sum(x²) instead of mean(x²)",
-     _f64(lambda x, w, e: x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + e) * w)),
-    ("multiplies by sqrt(mean(x²) + eps) instead of dividing by it",
-     _f64(lambda x, w, e: x * torch.sqrt(_ms(x) + e) * w)),
-    ("averages x² over the whole tensor instead of over each vector's last dimension",
-     _f64(lambda x, w, e: x * torch.rsqrt(x.pow(2).mean() + e) * w)),
-    ("averages x² over dimension 0 instead of the last dimension",
-     _f64(lambda x, w, e: x * torch.rsqrt(_ms(x, 0) + e) * w)),
-    ("averages x² over dimension -2 instead of the last dimension",
-     _f64(lambda x, w, e: x * torch.rsqrt(_ms(x, -2) + e) * w)),
-    ("ignores eps (leaves it out, or hard-codes it): use the eps it was given, inside the square root",
-     _f64(lambda x, w, e: x * torch.rsqrt(_ms(x)) * w)),
-    ("ignores eps (leaves it out, or hard-codes it): use the eps it was given, inside the square root",
-     _f64(lambda x, w, e: x * torch.rsqrt(_ms(x) + 1e-6) * w)),
-    ("adds eps outside the square root: it belongs inside, sqrt(mean(x²) + eps)",
-     _f64(lambda x, w, e: x / (_ms(x).sqrt() + e) * w)),
-    # evaluated in x's own dtype: identical to the right answer except where 16-bit arithmetic breaks
-    ("computes mean(x²) in the input's 16-bit dtype, where x² overflows (float16 max is 65504): "
-     "compute the statistics in float32 and cast back",
-     lambda x, w, e: x * torch.rsqrt(_ms(x) + e) * w),
-]
-
-
-def _diagnose(actual, expected, inputs, mistakes, atol, rtol) -> str:
-    """' (looks like it <mistake>)' when `actual` matches a known wrong version that, on these inputs,
-    is itself off from `expected`; '' otherwise (also when the shape or dtype already differs)."""
-    if not isinstance(actual, torch.Tensor) or actual.shape != expected.shape or actual.dtype != expected.dtype:
-        return ""
-    for what, wrong in mistakes:
-        try:
-            w = wrong(*inputs)
-        except Exception:  # that mistake does not apply to these shapes
-            continue
-        if not isinstance(w, torch.Tensor) or w.shape != expected.shape:
-            continue
-        tol = dict(atol=atol, rtol=rtol, check_dtype=False)
-        if compare(w, expected, **tol) is not None and compare(actual, w, **tol) is None:
-            return f" (looks like it {what})"
-    return ""
-
-# %% ../notebooks/02_rmsnorm.ipynb #dc78785f
-def _forward_cases(adapter, reference, what):
-    """Shared cases for `rms_norm`-like and `RMSNorm`-like candidates. `adapter(impl, x, weight, eps)`
-    runs `impl` (the candidate or `reference`) and returns (output, the tensor that receives the weight's gradient)."""
-    g = torch.Generator().manual_seed(0)
-
-    def rand(*shape, scale=1.0):
-        return torch.randn(*shape, generator=g) * scale
-
-    def forward_case(x, weight, eps):
-        def run(candidate):
-            with torch.no_grad():
-                expected, _ = adapter(reference, x, weight, eps)
-                actual, _ = adapter(candidate, x.clone(), weight.clone(), eps)
-            atol, rtol = _TOL[expected.dtype]
-            problem = compare(actual, expected, what=what, atol=atol, rtol=rtol)
-            if problem is not None:
-                problem += _diagnose(actual, expected, (x, weight, eps), _FORWARD_MISTAKES, atol, rtol)
-            return problem
-        return run
-
-    def gradient_case(x, weight, eps):
-        grad_out = rand(*x.shape)                                    # dL/d(output)
-        def run(candidate):
-            grads = []
-            for impl in (reference, candidate):
-                xx = x.clone().requires_grad_()
-                out, w_leaf = adapter(impl, xx, weight.clone().requires_grad_(), eps)
-                if not isinstance(out, torch.Tensor) or not out.requires_grad:
-                    return f"{what} carries no gradient (computed under torch.no_grad(), or detached?)"
-                out.backward(grad_out.to(out.dtype))
-                grads.append((xx.grad, w_leaf.grad))
-            (gx, gw), (cx, cw) = grads
-            if cx is None:
-                return "no gradient reached x (was x detached?)"
-            if cw is None:
-                return "no gradient reached the weight (multiply by the weight itself, not .data or a detached copy)"
-            return (compare(cx, gx, what="gradient of x", atol=1e-4, rtol=1e-3)
-                    or compare(cw, gw, what="gradient of the weight", atol=1e-4, rtol=1e-3))
-        return run
-
-    w64 = 1 + 0.3 * rand(64)                                      # (64,) a random, non-trivial gain
-    big = rand(2, 64, scale=30.0)                                 # (2, 64)
-    big[:, 5] = torch.tensor([300.0, -1000.0])                    # |x| >= 256: x² overflows float16
-    scaled = rand(2, 5, 64) * torch.logspace(-2, 2, 5)[:, None]   # (2, 5, 64) token scales 0.01 to 100
-    modest = rand(2, 5, 64) * torch.logspace(-2, 1, 5)[:, None]   # (2, 5, 64) scales 0.01 to 10: no float16 overflow
-    return [
-        Case("random float32 x (2, 5, 64), token scales 0.01 to 100, random weight, eps=1e-6",
-             forward_case(scaled, w64, 1e-6),
-             "divide each vector (last dimension) by sqrt(mean(x²) + eps), keep its mean, then multiply by the weight"),
-        Case("1-D float32 x (64,)", forward_case(rand(64), w64, 1e-6),
-             "reduce over the last dimension (dim=-1, keepdim=True) so any number of leading dimensions works"),
-        Case("4-D float32 x (2, 3, 4, 64)", forward_case(rand(2, 3, 4, 64), w64, 1e-6),
-             "reduce over the last dimension (dim=-1, keepdim=True) so any number of leading dimensions works"),
-        Case("all-zero x (2, 64)", forward_case(torch.zeros(2, 64), w64, 1e-6),
-             "an all-zero vector must give zeros, not 0/0 = NaN: add eps to mean(x²) before the square root"),
-        Case("tiny x (3, 64) of size 1e-3 with eps=1e-2, so eps dominates",
-             forward_case(rand(3, 64, scale=1e-3), w64, 1e-2),
-             "use the eps passed in (not a hard-coded one), inside the square root: rsqrt(mean(x²) + eps)"),
-        Case("float16 x (2, 64) with values 300 and -1000 (x² overflows float16), float16 weight",
-             forward_case(big.half(), w64.half(), 1e-6),
-             "compute mean(x²) and the division in float32 (x.float()), then cast back to x's dtype"),
-        Case("float16 x (2, 5, 64), float16 weight: the output must be float16",
-             forward_case(modest.half(), w64.half(), 1e-6),
-             "after the float32 computation, cast the normalised x back to x's dtype (.type_as(x)) "
-             "before multiplying by the weight"),
-        Case("bfloat16 x (2, 5, 64), bfloat16 weight: the output must be bfloat16",
-             forward_case(modest.bfloat16(), w64.bfloat16(), 1e-6),
-             "after the float32 computation, cast the normalised x back to x's dtype (.type_as(x)) "
-             "before multiplying by the weight"),
-        Case("gradients of x (2, 5, 64) and of the weight, float32", gradient_case(rand(2, 5, 64), w64, 1e-6),
-             "build the output with differentiable torch operations on x and on the weight tensor itself"),
-    ]
-
-# %% ../notebooks/02_rmsnorm.ipynb #ffb8dc63
-def check_rms_norm(candidate) -> CheckResult:
-    "Check a function `candidate(x, weight, eps)` against `rms_norm` on random and edge-case inputs."
-    def adapter(f, x, weight, eps):
-        return f(x, weight, eps), weight
-    cases = _forward_cases(adapter, rms_norm, "rms_norm(x, weight, eps)")
-    return run_cases("rms_norm", candidate, cases)
-
-# %% ../notebooks/02_rmsnorm.ipynb #33737778
-def _weight_case(candidate) -> str | None:
-    "The constructor: an nn.Module with an nn.Parameter `weight` of shape (dim,), all ones."
-    m = candidate(64, eps=1e-6)
-    if not isinstance(m, nn.Module):
-        return f"{type(m).__name__}(64) is not an nn.Module: subclass torch.nn.Module"
-    w = getattr(m, "weight", None)
-    if w is None:
-        return "the layer has no attribute `weight`"
-    if not isinstance(w, nn.Parameter):
-        return f"`weight` is a {type(w).__name__}, not an nn.Parameter, so it would not be trained or saved"
-    return compare(w.detach(), torch.ones(64), what="weight at construction")
-
-
-def _module_adapter(cls, x, weight, eps):
-    "Build `cls(dim, eps=eps)` in weight's dtype, copy `weight` in, run it on x; return (output, its weight)."
-    m = cls(x.shape[-1], eps=eps).to(weight.dtype)
-    with torch.no_grad():
-        m.weight.copy_(weight)
-    return m(x), m.weight
-
-
-def check_RMSNorm(candidate_cls) -> CheckResult:
-    "Check a class `candidate_cls(dim, eps=1e-6)` with a `weight` parameter against `RMSNorm`."
-    cases = [Case("RMSNorm(64): an nn.Module whose weight is an nn.Parameter of shape (64,), all ones",
-                  _weight_case, "self.weight = nn.Parameter(torch.ones(dim))")]
-    cases += _forward_cases(_module_adapter, RMSNorm, "layer(x)")
-    return run_cases("RMSNorm", candidate_cls, cases)
-
-# %% ../notebooks/02_rmsnorm.ipynb #45caf615
-def _backward_reference(x, weight, grad_out, eps):
-    "(grad_x, grad_weight) by autograd through the course's `rms_norm`."
-    x, weight = x.clone().requires_grad_(), weight.clone().requires_grad_()
-    rms_norm(x, weight, eps).backward(grad_out)
-    return x.grad, weight.grad
-
-
-def _r(x, e):
-    return torch.rsqrt(_ms(x) + e)
-
-
-# Wrong gradients for x: (what it does, f(x, weight, grad_out, eps) -> grad_x).
-_BACKWARD_MISTAKES = [
-    ("treats the RMS as a constant: it depends on x, so grad_x has a second term",
-     lambda x, w, G, e: G * w * _r(x, e)),
-    ("forgets the weight inside grad_x",
-     lambda x, w, G, e: _r(x, e) * (G - x * _r(x, e) * (G * x * _r(x, e)).mean(-1, keepdim=True))),
-    ("leaves eps out of the RMS",
-     lambda x, w, G, e: _r(x, 0.0) * (G * w - x * _r(x, 0.0) * (G * w * x * _r(x, 0.0)).mean(-1, keepdim=True))),
-    ("has the second term with a + sign: it is subtracted",
-     lambda x, w, G, e: _r(x, e) * (G * w + x * _r(x, e) * (G * w * x * _r(x, e)).mean(-1, keepdim=True))),
-]
-
-
-def check_rms_norm_backward(candidate) -> CheckResult:
-    "Check `candidate(x, weight, grad_out, eps) -> (grad_x, grad_weight)` against autograd, in float64."
-    g = torch.Generator().manual_seed(0)
-
-    def rand(*shape, scale=1.0):
-        return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
-
-    def case(x, eps, weight=None):
-        weight = 1 + 0.3 * rand(x.shape[-1]) if weight is None else weight
-        grad_out = rand(*x.shape)
-
-        def run(candidate):
-            gx, gw = _backward_reference(x, weight, grad_out, eps)
-            out = candidate(x.clone(), weight.clone(), grad_out.clone(), eps)
-            if not isinstance(out, (tuple, list)) or len(out) != 2:
-                return f"should return a pair (grad_x, grad_weight), got {type(out).__name__}"
-            cx, cw = out
-            atol, rtol = _TOL[torch.float64]
-            problem = compare(cx, gx, what="grad_x", atol=atol, rtol=rtol)
-            if problem is not None:
-                return problem + _diagnose(cx, gx, (x, weight, grad_out, eps), _BACKWARD_MISTAKES, atol, rtol)
-            problem = compare(cw, gw, what="grad_weight", atol=atol, rtol=rtol)
-            if problem is not None and isinstance(cw, torch.Tensor) and cw.shape == gw.shape:
-                xhat, cw = x * _r(x, eps), cw.detach().double()
-                if torch.allclose(cw, (grad_out * x).reshape(-1, x.shape[-1]).sum(0), rtol=1e-3):
-                    problem += " (looks like it uses x instead of the normalised x̂ = x / RMS(x))"
-                elif torch.allclose(cw, (grad_out * xhat * weight).reshape(-1, x.shape[-1]).sum(0), rtol=1e-3):
-                    problem += " (looks like it multiplies by the weight: ∂y/∂g is x̂ alone)"
-            return problem
-        return run
-
-    scaled = rand(2, 5, 16) * torch.logspace(-1, 1, 5, dtype=torch.float64)[:, None]   # (2, 5, 16)
-    return run_cases("rms_norm_backward", candidate, [
-        Case("random float64 x (2, 5, 16), token scales 0.1 to 10, eps=1e-6", case(scaled, 1e-6),
-             "grad_x has two terms: the direct one through x̂ = r·x, and one through r, which depends on "
-             "every x_i; grad_weight adds up the contributions of every vector (all leading dimensions)"),
-        Case("1-D float64 x (16,)", case(rand(16), 1e-6),
-             "reduce over dim=-1 with keepdim=True; grad_weight sums over all leading dimensions, "
-             "however many there are (none here): e.g. reshape to (-1, dim) first"),
-        Case("4-D float64 x (2, 3, 2, 16)", case(rand(2, 3, 2, 16), 1e-6),
-             "reduce over dim=-1 with keepdim=True; grad_weight sums over all leading dimensions, "
-             "not just the first: e.g. reshape to (-1, dim) first"),
-        Case("tiny float64 x (3, 16) of size 1e-3 with eps=1e-2", case(rand(3, 16, scale=1e-3), 1e-2),
-             "eps is part of r = 1/sqrt(mean(x²) + eps); keep it wherever r appears"),
-        Case("all-zero float64 x (2, 16)", case(torch.zeros(2, 16, dtype=torch.float64), 1e-6),
-             "at x = 0 the gradient is finite, r·(G⊙g): keep eps inside the square root"),
-    ])

@@ -2,13 +2,12 @@
 
 # %% auto #0
 __all__ = ['precompute_freqs_cis', 'apply_rotary_emb', 'precompute_cos_sin', 'rotate_half', 'apply_rotary_emb_hf',
-           'permute_meta_to_hf', 'permute_hf_to_meta', 'check_precompute_freqs_cis', 'check_apply_rotary_emb',
-           'check_permute_hf_to_meta']
+           'permute_meta_to_hf', 'permute_hf_to_meta']
 
 # %% ../notebooks/03_rope.ipynb #160f8494
 import torch
 
-from .checking import Case, CheckResult, compare, run_cases
+from .validation import inputs_trusted
 
 # %% ../notebooks/03_rope.ipynb #0b660028
 def _rope_frequencies(head_dim: int, end: int, theta: float) -> torch.Tensor:
@@ -47,8 +46,8 @@ def _check_rope_inputs(xq: torch.Tensor, xk: torch.Tensor, n_pos: int, n_pairs: 
                          f"pass {table}[start_pos : start_pos + seq]")
 
 
-def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor):
-    "Rotate interleaved pairs (x0, x1), (x2, x3), ... of q and k (Meta's layout); returns (xq, xk)."
+def _check_rotary_args(xq, xk, freqs_cis):
+    "apply_rotary_emb's check: types and shapes only, never values (no device sync)."
     if not isinstance(freqs_cis, torch.Tensor) or not freqs_cis.is_complex():
         raise TypeError("freqs_cis must be the complex table from precompute_freqs_cis, got "
                         f"{freqs_cis.dtype if isinstance(freqs_cis, torch.Tensor) else type(freqs_cis).__name__}"
@@ -56,6 +55,12 @@ def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor
     if freqs_cis.dim() != 2:
         raise ValueError(f"freqs_cis must be (seq, head_dim // 2), got shape {tuple(freqs_cis.shape)}")
     _check_rope_inputs(xq, xk, freqs_cis.shape[0], freqs_cis.shape[1], "freqs_cis")
+
+
+def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor):
+    "Rotate interleaved pairs (x0, x1), (x2, x3), ... of q and k (Meta's layout); returns (xq, xk)."
+    if not inputs_trusted():              # inside a model's forward pass the model has checked its inputs
+        _check_rotary_args(xq, xk, freqs_cis)
     return _rotate_pairs(xq, freqs_cis), _rotate_pairs(xk, freqs_cis)
 
 
@@ -83,8 +88,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x2, x1], dim=-1)
 
 
-def apply_rotary_emb_hf(xq: torch.Tensor, xk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    "Rotate pairs (x_j, x_{j+head_dim/2}) of q and k (Hugging Face's layout); returns (xq, xk) in their dtypes."
+def _check_rotary_hf_args(xq, xk, cos, sin):
+    "apply_rotary_emb_hf's check: types and shapes only, never values (no device sync)."
     for name, t in (("cos", cos), ("sin", sin)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             raise TypeError(f"{name} must be a real floating-point table from precompute_cos_sin, got "
@@ -92,6 +97,12 @@ def apply_rotary_emb_hf(xq: torch.Tensor, xk: torch.Tensor, cos: torch.Tensor, s
     if cos.dim() != 2 or cos.shape != sin.shape:
         raise ValueError(f"cos and sin must both be (seq, head_dim), got {tuple(cos.shape)} and {tuple(sin.shape)}")
     _check_rope_inputs(xq, xk, cos.shape[0], cos.shape[1] // 2, "cos/sin")
+
+
+def apply_rotary_emb_hf(xq: torch.Tensor, xk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    "Rotate pairs (x_j, x_{j+head_dim/2}) of q and k (Hugging Face's layout); returns (xq, xk) in their dtypes."
+    if not inputs_trusted():              # inside a model's forward pass the model has checked its inputs
+        _check_rotary_hf_args(xq, xk, cos, sin)
     cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # (1, seq, 1, head_dim)
 
     def rotate(x):  # at least float32, like the complex version, then back to x's dtype
@@ -122,183 +133,3 @@ def permute_hf_to_meta(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     rows, cols = w.shape
     # (n_heads, 2, head_dim/2, dim) -> (n_heads, head_dim/2, 2, dim)
     return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
-
-# %% ../notebooks/03_rope.ipynb #246ab77b
-def _matches(actual, variants, atol=1e-4, rtol=1e-4):
-    "Label of the first known mistake whose output `actual` reproduces, or None."
-    for label, make in variants:
-        try:
-            if compare(actual, make(), what="", atol=atol, rtol=rtol, check_dtype=False) is None:
-                return label
-        except Exception:  # a variant that does not apply to this input
-            continue
-    return None
-
-
-def _with_diagnosis(problem, actual, variants, **tol):
-    if problem is None:
-        return None
-    label = _matches(actual, variants, **tol)
-    return f"{problem}; {label}" if label else problem
-
-
-def _freqs_variant(head_dim, end, theta, *, exponents=None, sign=-1.0, first=0, conj=False):
-    "precompute_freqs_cis with one thing changed (in float64): the mistakes students make."
-    two_j = torch.arange(0, head_dim, 2, dtype=torch.float64) if exponents is None else exponents
-    freqs = theta ** (sign * two_j / head_dim)
-    angles = torch.outer(torch.arange(first, first + end, dtype=torch.float64), freqs)
-    out = torch.polar(torch.ones_like(angles), angles)
-    return out.conj() if conj else out
-
-
-def check_precompute_freqs_cis(candidate) -> CheckResult:
-    "Check `candidate(head_dim, end, theta=10000.0)` against `precompute_freqs_cis`."
-    def case(head_dim, end, theta=None):
-        def run(f):
-            actual = f(head_dim, end) if theta is None else f(head_dim, end, theta)
-            th = 10000.0 if theta is None else theta
-            expected = precompute_freqs_cis(head_dim, end, th)
-            problem = compare(actual, expected, what="freqs_cis", atol=1e-5, rtol=1e-5)
-            if problem is None or not isinstance(actual, torch.Tensor):
-                return problem
-            notes = []
-            if tuple(actual.shape) == (end, head_dim):
-                notes.append("one column per dimension instead of one per *pair*: the exponent runs over "
-                             "the even numbers 0, 2, …, head_dim−2 only")
-            elif tuple(actual.shape) == (head_dim // 2, end):
-                notes.append("rows should be positions m and columns pairs j (this looks transposed)")
-            if not actual.is_complex():
-                notes.append("the table holds complex numbers e^(i·m·θ_j); if you have the angles m·θ_j, "
-                             "torch.polar(torch.ones_like(angles), angles) turns them into that")
-            if notes or tuple(actual.shape) != tuple(expected.shape):
-                return "; ".join([problem] + notes)
-            return _with_diagnosis(problem, actual, [
-                ("it ignores the theta argument (these are the values for theta=10000)",
-                 lambda: None if th == 10000.0 else _freqs_variant(head_dim, end, 10000.0)),
-                ("the exponent is j/head_dim; it should be 2j/head_dim",
-                 lambda: _freqs_variant(head_dim, end, th, exponents=torch.arange(head_dim // 2, dtype=torch.float64))),
-                ("the frequencies grow with j: θ_j = theta^(−2j/head_dim) = 1 / theta^(2j/head_dim)",
-                 lambda: _freqs_variant(head_dim, end, th, sign=1.0)),
-                ("the positions start at 1; row 0 (position 0) must be all ones, no rotation",
-                 lambda: _freqs_variant(head_dim, end, th, first=1)),
-                ("the angles have the wrong sign: e^(−i·m·θ_j) instead of e^(+i·m·θ_j)",
-                 lambda: _freqs_variant(head_dim, end, th, conj=True)),
-            ], atol=1e-4, rtol=1e-4)
-        return run
-    return run_cases("precompute_freqs_cis", candidate, [
-        Case("toy: head_dim=8, end=6, theta=10000", case(8, 6, 10000.0),
-             hint="θ_j = theta^(−2j/head_dim) for j < head_dim/2; the table is e^(i·m·θ_j), complex64 (end, head_dim//2)"),
-        Case("Llama 2: head_dim=128, end=16, theta=10000", case(128, 16, 10000.0),
-             hint="compute the angles in float32 and return complex64, like the model's other tensors"),
-        Case("SmolLM2: head_dim=64, end=24, theta=100000", case(64, 24, 100000.0),
-             hint="theta is the base of the exponent: pass it through instead of a hard-coded 10000"),
-        Case("theta left at its default: f(16, 4)", case(16, 4),
-             hint="theta should default to 10000.0"),
-        Case("edge: head_dim=2 (one pair), end=1 (only position 0)", case(2, 1, 10000.0),
-             hint="one pair has θ_0 = 1, and position 0 is no rotation: the table is [[1+0j]]"),
-    ])
-
-# %% ../notebooks/03_rope.ipynb #85d1b3dc
-def _rope_mistakes(x, freqs_cis, start_pos):
-    "Outputs of the usual wrong versions of apply_rotary_emb on one tensor x, with a label each."
-    one = lambda f: apply_rotary_emb(x, x, f)[0]
-    cos = torch.cat([freqs_cis.real, freqs_cis.real], -1)
-    sin = torch.cat([freqs_cis.imag, freqs_cis.imag], -1)
-    mistakes = []
-    if start_pos:  # first: for one token, "recomputed from position 0" and "unrotated" are the same output
-        seq, n_pairs = freqs_cis.shape
-        mistakes.append((f"it uses positions 0…{seq - 1}, but this freqs_cis starts at start_pos={start_pos}: "
-                         "use the rows of freqs_cis you are given, they already hold the right positions",
-                         lambda: one(precompute_freqs_cis(2 * n_pairs, seq))))
-    mistakes += [
-        ("it is returned unrotated", lambda: x),
-        ("it rotates the halves (x_j, x_{j+head_dim/2}) — Hugging Face's pairing; Meta's layout pairs "
-         "neighbours (x_2j, x_2j+1)",
-         lambda: apply_rotary_emb_hf(x, x, cos, sin)[0]),
-        ("it rotates the wrong way (by −m·θ): multiply by freqs_cis, not its conjugate, and keep "
-         "(x_2j, x_2j+1) as (real, imaginary)",
-         lambda: one(freqs_cis.conj())),
-    ]
-    return mistakes
-
-
-def check_apply_rotary_emb(candidate) -> CheckResult:
-    "Check `candidate(xq, xk, freqs_cis) -> (xq_out, xk_out)` against `apply_rotary_emb`."
-    g = torch.Generator().manual_seed(0)
-
-    def case(shape_q, n_kv_heads, start_pos=0, dtype=torch.float32, table_len=64):
-        bsz, seq, n_heads, head_dim = shape_q
-        xq = torch.randn(shape_q, generator=g).to(dtype)
-        xk = torch.randn(bsz, seq, n_kv_heads, head_dim, generator=g).to(dtype)
-        freqs_cis = precompute_freqs_cis(head_dim, table_len)[start_pos:start_pos + seq]  # (seq, head_dim/2)
-        tol = dict(atol=2e-2, rtol=2e-2) if dtype != torch.float32 else dict(atol=1e-5, rtol=1e-5)
-
-        def run(f):
-            xq_in, xk_in, f_in = xq.clone(), xk.clone(), freqs_cis.clone()
-            out = f(xq_in, xk_in, f_in)
-            if not isinstance(out, (tuple, list)) or len(out) != 2:
-                return f"should return a pair (xq_out, xk_out), got {type(out).__name__}"
-            expected = apply_rotary_emb(xq, xk, freqs_cis)
-            for name, actual, exp, x in (("xq_out", out[0], expected[0], xq), ("xk_out", out[1], expected[1], xk)):
-                problem = _with_diagnosis(compare(actual, exp, what=name, **tol), actual,
-                                          _rope_mistakes(x, freqs_cis, start_pos),
-                                          **(tol if dtype != torch.float32 else dict(atol=1e-4, rtol=1e-4)))
-                if problem:
-                    return problem
-            if not (torch.equal(xq_in, xq) and torch.equal(xk_in, xk) and torch.equal(f_in, freqs_cis)):
-                return "it modified its inputs in place; return new tensors and leave xq, xk and freqs_cis as they were"
-            return None
-        return run
-
-    return run_cases("apply_rotary_emb", candidate, [
-        Case("random xq (2, 5, 4, 8), xk (2, 5, 4, 8), positions 0…4", case((2, 5, 4, 8), 4),
-             hint="view the last dim as head_dim/2 complex numbers (x_2j + i·x_2j+1), multiply by freqs_cis "
-                  "broadcast over batch and heads, view back"),
-        Case("grouped-query: xq (1, 4, 6, 16), xk (1, 4, 2, 16)", case((1, 4, 6, 16), 2),
-             hint="xk can have fewer heads than xq: reshape each with its own shape, rotate both"),
-        Case("mid-sequence chunk: freqs_cis = table[7:12] (start_pos=7), xq (1, 5, 2, 8)", case((1, 5, 2, 8), 2, start_pos=7),
-             hint="the model passes freqs_cis[start_pos : start_pos + seq]; row i is position start_pos + i"),
-        Case("decode step: one token at start_pos=20, xq (3, 1, 2, 8)", case((3, 1, 2, 8), 1, start_pos=20),
-             hint="with a KV cache the single new token sits at position start_pos, not 0"),
-        Case("bfloat16 xq, xk (1, 3, 2, 8)", case((1, 3, 2, 8), 2, dtype=torch.bfloat16),
-             hint="there is no complex bfloat16: compute in float32 (x.float()) and cast the result back "
-                  "with .type_as(x)"),
-        Case("Llama 2 head_dim=128: xq (1, 3, 2, 128), xk (1, 3, 1, 128)", case((1, 3, 2, 128), 1),
-             hint="pair j uses column j of freqs_cis; check the reshape to (..., head_dim/2, 2)"),
-        Case("edge: head_dim=2 (one pair), seq=1 at position 3", case((1, 1, 1, 2), 1, start_pos=3),
-             hint="a single pair is one complex number per head"),
-    ])
-
-# %% ../notebooks/03_rope.ipynb #f95db267
-def check_permute_hf_to_meta(candidate) -> CheckResult:
-    "Check `candidate(w, n_heads)` against `permute_hf_to_meta`."
-    g = torch.Generator().manual_seed(0)
-
-    def case(n_heads, head_dim, dim):
-        w = torch.randn(n_heads * head_dim, dim, generator=g)  # (n_heads * head_dim, dim), HF row order
-
-        def run(f):
-            w_in = w.clone()
-            actual = f(w_in, n_heads)
-            problem = compare(actual, permute_hf_to_meta(w, n_heads), what="permuted w", atol=0, rtol=0)
-            if problem is None and not torch.equal(w_in, w):
-                return "it modified w in place; return a new tensor"
-            return _with_diagnosis(problem, actual, [
-                ("it returned w unchanged", lambda: w),
-                ("this is the Meta → HF direction (the convert script's permute); "
-                 "you need its inverse", lambda: permute_meta_to_hf(w, n_heads)),
-                ("it permutes across all rows as if there were one head; the permutation is within each "
-                 "head, so n_heads must be the first axis of the reshape", lambda: permute_hf_to_meta(w, 1)),
-            ], atol=0, rtol=0)
-        return run
-
-    return run_cases("permute_hf_to_meta", candidate, [
-        Case("wq: n_heads=4, head_dim=8, dim=16 → w (32, 16)", case(4, 8, 16),
-             hint="HF row a·head_dim/2 + j of a head holds Meta row 2j + a"),
-        Case("wk with fewer heads: n_kv_heads=2, head_dim=16, dim=24 → w (32, 24)", case(2, 16, 24),
-             hint="wk is permuted with n_kv_heads, not n_heads; use the n_heads you are given"),
-        Case("SmolLM2 wk: n_kv_heads=3, head_dim=64, dim=576 → w (192, 576)", case(3, 64, 576),
-             hint="HF keeps, within each head, the first element of every pair, then the second elements"),
-        Case("one head, non-square: n_heads=1, head_dim=8, dim=3 → w (8, 3)", case(1, 8, 3),
-             hint="columns (the input dim) never move; only rows do"),
-    ])

@@ -4,18 +4,15 @@
 from __future__ import annotations
 
 import operator
-import random
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import sentencepiece as spm
 
-from .checking import Case, CheckResult, run_cases
-
 # %% auto #0
 __all__ = ['SPLIT_PATTERN', 'LLAMA2_SPM_OPTIONS', 'get_pair_counts', 'merge_pair', 'split_text', 'train_merges', 'apply_merges',
-           'BPE', 'train_sentencepiece', 'Tokenizer', 'check_merge_pair', 'check_bpe_encode']
+           'BPE', 'train_sentencepiece', 'Tokenizer']
 
 # %% ../notebooks/01_tokenization.ipynb #95cba4c6
 def get_pair_counts(ids: list[int], counts: dict | None = None) -> dict[tuple[int, int], int]:
@@ -227,125 +224,3 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.n_words}, bos_id={self.bos_id}, eos_id={self.eos_id}, pad_id={self.pad_id})"
-
-# %% ../notebooks/01_tokenization.ipynb #23c2adb7
-def _show(ids: list, limit: int = 12) -> str:
-    "A short repr of a list: at most `limit` items."
-    return repr(ids) if len(ids) <= limit else repr(ids[:limit])[:-1] + f", ... ({len(ids)} items)]"
-
-
-def _compare_ids(actual, expected: list[int], what: str = "output") -> str | None:
-    "None if `actual` is the list `expected`, else one sentence saying where it differs."
-    if not isinstance(actual, list):
-        return f"{what} should be a list, got {type(actual).__name__}"
-    if actual == expected:
-        return None
-    for i, (a, e) in enumerate(zip(actual, expected)):
-        if a != e:
-            return (f"{what} differs first at position {i}: got {a!r}, expected {e!r} "
-                    f"(got {_show(actual)}, expected {_show(expected)})")
-    return (f"{what} has length {len(actual)}, expected {len(expected)} "
-            f"(got {_show(actual)}, expected {_show(expected)})")
-
-
-def _merge_case(ids: list[int], pair: tuple[int, int], new_id: int):
-    "A checker case: the candidate's merge_pair on these inputs against the reference."
-    def run(candidate):
-        given = list(ids)
-        problem = _compare_ids(candidate(given, pair, new_id), merge_pair(ids, pair, new_id),
-                               what=f"merge_pair({_show(ids)}, {pair}, {new_id})")
-        if problem is None and given != ids:
-            problem = f"changed its input ids to {_show(given)}; return a new list instead"
-        return problem
-    return run
-
-
-def _random_merge_cases(candidate) -> str | None:
-    "200 random short lists over a 4-id alphabet, where pairs, repeats and overlaps are common."
-    rng = random.Random(0)
-    for _ in range(200):
-        ids = [rng.randrange(4) for _ in range(rng.randrange(0, 13))]
-        problem = _merge_case(ids, (rng.randrange(4), rng.randrange(4)), 100)(candidate)
-        if problem is not None:
-            return problem
-    return None
-
-
-def check_merge_pair(candidate) -> CheckResult:
-    "Check a student's `merge_pair(ids, pair, new_id) -> list[int]`."
-    return run_cases("merge_pair", candidate, [
-        Case("two occurrences", _merge_case([1, 2, 3, 1, 2], (1, 2), 99)),
-        Case("empty ids", _merge_case([], (1, 2), 99), hint="an empty list has no pairs: return []"),
-        Case("a single id", _merge_case([7], (7, 7), 99), hint="one id has no pair: return it unchanged"),
-        Case("pair at the end", _merge_case([5, 6, 1, 2], (1, 2), 99),
-             hint="look at the last two ids too (the loop must reach i = len(ids) - 2)"),
-        Case("no occurrence", _merge_case([1, 3, 2, 1, 4], (1, 2), 99),
-             hint="when nothing matches, every id is kept, the last one included"),
-        Case("pair in reverse order", _merge_case([2, 1, 2], (1, 2), 99),
-             hint="(1, 2) means 1 then 2; (2, 1) is a different pair"),
-        Case("overlapping occurrences [1, 1, 1]", _merge_case([1, 1, 1], (1, 1), 99),
-             hint="left to right without overlap, the unmatched last id kept: [1, 1, 1] -> [new_id, 1]"),
-        Case("a run of four [1, 1, 1, 1]", _merge_case([1, 1, 1, 1], (1, 1), 99),
-             hint="after a match skip both ids (i += 2)"),
-        Case("pair at the start", _merge_case([1, 2, 5, 6], (1, 2), 99)),
-        Case("200 random lists over the ids 0..3", _random_merge_cases),
-    ])
-
-# %% ../notebooks/01_tokenization.ipynb #6aee63e7
-_SAMPLE = ("the cat sat on the mat. the rat ate the hat, then the cat ate the rat! "
-           "that is that; this is this. naïve café, 日本, 🙂 and 1234 5678 ") * 3
-
-
-def _encode_case(text: str, merges: dict[tuple[int, int], int]):
-    "A checker case: the candidate's encode on `text` against the reference."
-    def run(candidate):
-        expected = apply_merges(list(text.encode("utf-8")), merges)
-        shown = repr(text) if len(text) <= 40 else repr(text[:40]) + "..."
-        return _compare_ids(candidate(text, dict(merges)), expected, what=f"encode({shown}, merges)")
-    return run
-
-
-def _dict_order_case(text: str, merges: dict[tuple[int, int], int]):
-    "A checker case: the same merges with the dict in reverse order must give the same ids."
-    def run(candidate):
-        problem = _encode_case(text, dict(reversed(merges.items())))(candidate)
-        if problem is None or _encode_case(text, merges)(candidate) is not None:
-            return problem  # a failure in learned order is another case's business: no hint here
-        return (f"{problem}; right with the dict in learned order, so take a merge's priority from "
-                "its new id, not from its position in the dict")
-    return run
-
-
-def _random_encode_cases(candidate) -> str | None:
-    "Random strings of words, spaces and non-ASCII characters, with merges trained on a sample."
-    merges = BPE.train(_SAMPLE, 330).merges
-    rng = random.Random(0)
-    words = ["the", " cat", " hat", "at", "th", " ", "  ", "a", "!", "é", "日本", "🙂", "12", "rat", "this"]
-    for _ in range(50):
-        text = "".join(rng.choice(words) for _ in range(rng.randrange(1, 15)))
-        problem = _encode_case(text, merges)(candidate)
-        if problem is not None:
-            return problem
-    return None
-
-
-def check_bpe_encode(candidate) -> CheckResult:
-    "Check a student's `encode(text: str, merges: dict[tuple[int, int], int]) -> list[int]`."
-    trained = BPE.train(_SAMPLE, 330).merges
-    return run_cases("bpe_encode", candidate, [
-        Case("empty text", _encode_case("", {(97, 98): 256}), hint="no bytes, no tokens: return []"),
-        Case("no merges", _encode_case("hi!", {}), hint="without merges the ids are the UTF-8 bytes"),
-        Case("non-ASCII text, no merges", _encode_case("é日🙂", {}),
-             hint="use the UTF-8 bytes, list(text.encode('utf-8')), not ord() of each character"),
-        Case("one merge, three places", _encode_case("abxabyab", {(97, 98): 256}),
-             hint="a merge replaces every occurrence"),
-        Case("a merge that builds on a merge", _encode_case("abab", {(97, 98): 256, (256, 256): 257}),
-             hint="keep merging until no pair of the current ids is in merges"),
-        Case("priority: b c learned before a b", _encode_case("abc", {(98, 99): 256, (97, 98): 257}),
-             hint="merge the pair with the lowest new id first, not the leftmost mergeable pair"),
-        Case("overlapping pairs 'aaaa'", _encode_case("aaaa", {(97, 97): 256}),
-             hint="occurrences are merged left to right without overlap, as in merge_pair"),
-        Case("merges trained on a sample, on that sample", _encode_case(_SAMPLE[:80], trained)),
-        Case("same merges, dict in reverse order", _dict_order_case(_SAMPLE[:80], trained)),
-        Case("50 random strings with trained merges", _random_encode_cases),
-    ])

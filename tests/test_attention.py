@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from course_lib.attention import (Attention, KVCache, causal_mask, check_KVCache, check_causal_mask, check_repeat_kv,
-                                  check_scaled_dot_product, kv_cache_bytes, repeat_kv, scaled_dot_product)
+from course_lib.attention import Attention, KVCache, causal_mask, kv_cache_bytes, repeat_kv, scaled_dot_product
+from course_lib.fused import FusedAttention
+from course_lib.checks.attention import check_causal_mask, check_KVCache, check_repeat_kv, check_scaled_dot_product
 from course_lib.rope import permute_meta_to_hf, precompute_freqs_cis
 
 
@@ -212,10 +213,10 @@ def test_attention_matches_hf_llama_attention(n_heads, n_kv_heads):
 @pytest.mark.parametrize("n_heads,n_kv_heads", [(4, 4), (8, 2)], ids=["mha", "gqa"])
 def test_attention_cached_decode_matches_hf_full_pass(n_heads, n_kv_heads, fused):
     ours, hf_forward, freqs_cis = make_pair(n_heads, n_kv_heads, seed=1)
-    ours.fuse_qkv(fused)
+    if fused:
+        ours = FusedAttention(ours)                                                 # chapter 07c's module swap
     x = randn(2, 12, 64, seed=20)
     with torch.no_grad():
-        assert (ours._fused_qkv() is not None) == fused                            # the path under test
         expected = hf_forward(x)
         pieces = [ours(x[:, :3], 0, freqs_cis[:3], causal_mask(3)),                 # prefill 3
                   ours(x[:, 3:6], 3, freqs_cis[3:6], causal_mask(3, start_pos=3))]  # a chunk of 3
@@ -235,8 +236,7 @@ def test_attention_bad_input():
         attention(torch.zeros(1, 3, 32), 0, freqs_cis[:3])
     with pytest.raises(ValueError, match="start_pos=2 but no sequence is cached"):
         attention(torch.zeros(1, 1, 64), 2, freqs_cis[2:3])
-    for fused in (False, True):                                       # both paths check the rotation table
-        attention.fuse_qkv(fused)
+    for attention in (attention, FusedAttention(attention)):         # both check the rotation table
         with pytest.raises(ValueError, match=r"freqs_cis must be \(seq=3, head_dim/2=4\).*got \(2, 4\)"):
             attention(torch.zeros(1, 3, 64), 0, freqs_cis[:2])
         with pytest.raises(ValueError, match=r"freqs_cis must be \(seq=1, head_dim/2=4\).*got \(1, 8\)"):

@@ -6,6 +6,7 @@ import sys
 import pytest
 
 import copy
+import dataclasses
 
 import course_lib.cli as cli
 from course_lib.generation import generate
@@ -250,3 +251,82 @@ def test_chat_skips_empty_lines(loaded, capsys):
                             quant="none", device="cpu")
     cli._run_chat(ns, inp=lambda: next(lines))
     assert "model>" not in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- the chat window (fit_conversation)
+
+def words(messages):
+    return sum(len(m["content"].split()) + 3 for m in messages)
+
+
+def turns(n, system=True):
+    messages = [{"role": "system", "content": "be brief"}] if system else []
+    for i in range(n):
+        messages += [{"role": "user", "content": f"q {i}"}, {"role": "assistant", "content": f"a {i}"}]
+    return messages + [{"role": "user", "content": "last one"}]
+
+
+def test_fit_conversation_keeps_the_latest_whole_turns_and_the_system_message():
+    from course_lib import fit_conversation
+    chat = turns(4)                                          # 5 + 4 × 10 + 5 = 50 tokens
+    assert fit_conversation(chat, words, 50) == (chat, 0)
+    kept, dropped = fit_conversation(chat, words, 49)
+    assert dropped == 2 and kept == chat[:1] + chat[3:]      # the oldest question and its answer
+    kept, dropped = fit_conversation(chat, words, 10)
+    assert dropped == 8 and kept == [chat[0], chat[-1]]
+    kept, dropped = fit_conversation(turns(2, system=False), words, 15)
+    assert dropped == 2 and kept[0] == {"role": "user", "content": "q 1"}
+    lone = [{"role": "user", "content": "x"}, {"role": "user", "content": "y"}]   # no answer in between
+    assert fit_conversation(lone, words, 4) == ([lone[1]], 1)
+    before = list(chat)
+    fit_conversation(chat, words, 10)
+    assert chat == before                                    # the caller's list is not changed
+
+
+def test_fit_conversation_bad_input():
+    from course_lib import fit_conversation
+    with pytest.raises(ValueError, match=r"the last message and the system message alone take 10 tokens, more than the 9"):
+        fit_conversation(turns(3), words, 9)
+    with pytest.raises(ValueError, match="max_tokens must be an int >= 1, got 0"):
+        fit_conversation(turns(1), words, 0)
+    with pytest.raises(TypeError, match="messages must be a non-empty list"):
+        fit_conversation([], words, 10)
+
+
+def test_checker_of_fit_conversation():
+    from course_lib import check, fit_conversation
+    assert check.fit_conversation(fit_conversation)
+
+    def keeps_everything(messages, count_tokens, max_tokens):
+        return list(messages), 0
+
+    def drops_the_system_message(messages, count_tokens, max_tokens):
+        kept = list(messages)
+        while count_tokens(kept) > max_tokens:
+            kept = kept[1:]
+        return kept, len(messages) - len(kept)
+    assert "more than max_tokens" in str(check.fit_conversation(keeps_everything))
+    assert "the system message is gone" in str(check.fit_conversation(drops_the_system_message))
+
+
+def test_chat_forgets_the_oldest_turns_when_the_window_is_full(smollm2, capsys, monkeypatch):
+    model, tokenizer = smollm2
+    small = copy.deepcopy(model)
+    small.args = dataclasses.replace(model.args, max_seq_len=96)
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: (small, tokenizer))
+    ns = argparse.Namespace(model="smollm2", max_seq_len=None, system="Answer in a few words.", max_new_tokens=8,
+                            method="greedy", temperature=1.0, top_k=None, top_p=None, min_p=None, seed=None,
+                            stats=False, quant="none", device="cpu")
+    lines = iter(["What is the capital of France?", "And of Italy?", "And of Spain?", "And of Germany?"])
+
+    def read():
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+    cli._run_chat(ns, inp=read)
+    captured = capsys.readouterr()
+    assert captured.out.count("model> ") == 4
+    assert "Berlin" in captured.out.splitlines()[-1]                 # the last question still has its context
+    assert "forgot the oldest" in captured.err and "96-token window" in captured.err
+    assert "error" not in captured.err

@@ -1,6 +1,6 @@
 """Chapter 09's CUDA kernels and CudaQuantModel against chapter 08's CPU reference and PyTorch ops.
 
-Every kernel test runs on the CPU emulator (tests/cuda_emulator) here and in CI, and on CuPy where a GPU is
+Every kernel test runs on the CPU emulator (course_lib/cuda/emulator) here and in CI, and on CuPy where a GPU is
 present (the `gpu` marker; skipped otherwise). Tolerances: products and attention are float32 sums in another
 order than PyTorch's, so results agree to ~1e-6 of their size; we allow 1e-5 relative (1e-4 for whole models).
 """
@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 
 import course_lib.cuda as cuda
+import course_lib.checks.cuda as checks_cuda
+from course_lib.checks.gpu_decoder import check_add_rms_norm
 from course_lib.cuda import (CudaQuantModel, KERNEL_SOURCES, QuantMatrix, check_qmatvec_q4_1, check_qmatvec_swiglu,
                              compile_ptx, cuda_add, cuda_argmax, cuda_attention, cuda_embedding, cuda_qmatvec,
                              cuda_qmatvec_plain, cuda_rms_norm, cuda_rope_kv_cache, cuda_swiglu, decode_bytes_per_token,
@@ -411,14 +413,17 @@ def test_emulated_model_interface_and_errors(backend):
     assert model.n_launches == 1 + 14 * 2 + 3 + 3
     assert model.weight_bytes() == sum(m.nbytes for L in model.layers for m in (L["wqkv"], L["wo"], L["w13"], L["w2"])) \
         + model.embedding.nbytes + model.output.nbytes + 4 * 64 * 5
-    with pytest.raises(ValueError, match="start_pos must be an int in 0..0"):
+    # the one input check of every decoder (course_lib.decoding.validate_decode_input), with its messages
+    with pytest.raises(ValueError, match="start_pos=3 leaves a gap"):
         model(torch.tensor([[1]]), 3)
     with pytest.raises(ValueError, match="outside the vocabulary"):
         model(torch.tensor([[96]]), 0)
     with pytest.raises(ValueError, match="exceeds max_seq_len=16"):
         model(torch.tensor([list(range(17))]), 0)
-    with pytest.raises(TypeError, match="tokens must be a non-empty integer tensor"):
+    with pytest.raises(TypeError, match="tokens must be an integer tensor"):
         model(torch.tensor([[1.0]]), 0)
+    with pytest.raises(ValueError, match="decodes one sequence"):
+        model(torch.tensor([[1], [2]]), 0)
     with pytest.raises(ValueError, match="exceeds max_seq_len=16"):
         model.generate_greedy([1, 2, 3], 14)
 
@@ -603,12 +608,46 @@ def test_swiglu_checker():
     assert "silu is missing" in str(check_qmatvec_swiglu(no_silu, backend=b))
 
 
+ADD_RMS_NORM_SOLUTION = r"""
+extern "C" __global__ void add_rms_norm(float* x, const float* y, const float* weight, float* out, int n, float eps) {
+    __shared__ float scratch[32];
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const float v = x[i] + y[i];
+        x[i] = v;
+        ss += v * v;
+    }
+    const float inv = rsqrtf(block_sum(ss, scratch) / n + eps);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) out[i] = x[i] * inv * weight[i];
+}
+"""
+
+
+@pytest.mark.parametrize("old, new, named", [
+    ("out[i] = x[i] * inv * weight[i]", "out[i] = x[i] * inv", "the weight is missing"),
+    ("block_sum(ss, scratch) / n", "block_sum(ss, scratch) / blockDim.x", "divides by the block's 256 threads"),
+    ("rsqrtf(block_sum(ss, scratch) / n + eps)", "1.0f / (sqrtf(block_sum(ss, scratch) / n) + eps)",
+     "eps is added after the square root"),
+    ("const float v = x[i] + y[i];\n        x[i] = v;\n        ss += v * v;",
+     "ss += x[i] * x[i];\n        x[i] += y[i];", "the sum of squares is of x before the add"),
+    ("        x[i] = v;\n", "", "x is unchanged"),
+    ("    __shared__ float scratch[32];", "    return;\n    __shared__ float scratch[32];", "your kernel wrote nothing"),
+])
+def test_add_rms_norm_checker_passes_a_solution_and_names_mistakes(backend, old, new, named):
+    assert check_add_rms_norm(ADD_RMS_NORM_SOLUTION, backend=backend)
+    assert old in ADD_RMS_NORM_SOLUTION
+    result = check_add_rms_norm(ADD_RMS_NORM_SOLUTION.replace(old, new), backend=backend)
+    assert not result and named in str(result), str(result)
+
+
 def test_checkers_explain_themselves_without_a_backend(monkeypatch):
-    monkeypatch.setattr(cuda, "get_backend", lambda kind="auto": None)
+    monkeypatch.setattr(checks_cuda, "get_backend", lambda kind="auto": None)     # where the checkers look
     result = check_qmatvec_q4_1(KERNEL_SOURCES["qmatvec_q4_1"])
     assert not result and "cannot run CUDA kernels" in str(result) and "on a GPU" in str(result)
     with pytest.raises(TypeError, match="the candidate must be CUDA C source"):
         check_qmatvec_swiglu(42)
+    monkeypatch.setattr(checks_cuda, "backend_status", lambda: "no GPU, no emulator")
+    assert "cannot run CUDA kernels: no GPU, no emulator" in str(check_add_rms_norm(ADD_RMS_NORM_SOLUTION))
 
 
 # ---------------------------------------------------------------- on a real GPU only

@@ -1,4 +1,4 @@
-"""Tests of the CPU CUDA emulator in tests/cuda_emulator (used by chapter 09's kernel tests
+"""Tests of the CPU CUDA emulator in course_lib/cuda/emulator (used by chapter 09's kernel tests
 on machines without a GPU). Each test compares the emulator against numpy or checks that
 a bug is reported; each fails if the emulator gets that behaviour wrong."""
 
@@ -15,9 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))       # `tests` as a package
-from tests.cuda_emulator import (EmulatedKernel, EmulatedModule, emulator_available,  # noqa: E402
-                                 run_in_every_block_order)
+from course_lib.cuda.emulator import EmulatedKernel, EmulatedModule, emulator_available, run_in_every_block_order
 
 _ok, _why = emulator_available()
 pytestmark = pytest.mark.skipif(not _ok, reason=_why)
@@ -849,7 +847,7 @@ def test_other_faults_still_crash_the_process(tmp_path):
     script.write_text(
         "import sys, numpy as np\n"
         f"sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n"
-        "from tests.cuda_emulator import EmulatedKernel\n"
+        "from course_lib.cuda.emulator import EmulatedKernel\n"
         "src = 'extern \"C\" __global__ void wild(float* y) { ((float*)(unsigned long)16)[0] = y[0]; }'\n"
         "EmulatedKernel(src, 'wild', check_bounds=True)(1, 1, (np.zeros(1, np.float32),))\n"
         "print('survived')\n")

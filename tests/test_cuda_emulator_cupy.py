@@ -1,22 +1,19 @@
-"""Tests of tests/cuda_emulator/cupy_api.py: the subset of CuPy's API that chapter 09 uses,
+"""Tests of course_lib/cuda/emulator/cupy_api.py: the subset of CuPy's API that chapter 09 uses,
 run by the CPU emulator. Each test checks a CuPy behaviour (or a CUDA restriction) that the
 course's CuPy code path relies on."""
 
 import inspect
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))       # `tests` as a package
-from tests.cuda_emulator import EmulatedModule, emulator_available  # noqa: E402
+from course_lib.cuda.emulator import EmulatedModule, emulator_available
 
 _ok, _why = emulator_available()
 if not _ok:
     pytest.skip(_why, allow_module_level=True)
 
-from tests.cuda_emulator import cupy_api as xp  # noqa: E402
+from course_lib.cuda.emulator import cupy_api as xp  # noqa: E402
 
 SOURCE = r"""
 extern "C" __global__ void axpy(float a, const float* __restrict__ x, float* __restrict__ y, int n) {

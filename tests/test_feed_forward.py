@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from course_lib.checking import CheckResult
-from course_lib.feed_forward import FeedForward, check_FeedForward, check_llama_hidden_dim, llama_hidden_dim
+from course_lib.checks.feed_forward import check_FeedForward, check_llama_hidden_dim
+from course_lib.feed_forward import FeedForward, llama_hidden_dim
 
 
 # ---------------------------------------------------------------- llama_hidden_dim

@@ -13,11 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from course_lib.attention import causal_mask, repeat_kv, scaled_dot_product, scaled_dot_product_gqa
+from course_lib.checks.generation import (check_apply_repetition_penalty, check_apply_temperature, check_top_k_filter,
+                                          check_top_p_filter)
 from course_lib.generation import (METHODS, GenerationStats, SamplingTable, _stream_text, apply_repetition_penalty,
-                                   apply_temperature, check_apply_repetition_penalty, check_apply_temperature,
-                                   check_top_k_filter, check_top_p_filter, generate,
+                                   apply_temperature, generate,
                                    generate_stream, generate_tokens, greedy, min_p_filter, next_token_probs,
                                    sample_next_token, sampling_settings, sampling_table, top_k_filter, top_p_filter)
+from course_lib.fused import fuse_model
 from course_lib.model import PRESETS, ModelArgs, Transformer
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -535,7 +537,7 @@ def test_scaled_dot_product_gqa_bad_input():
                                causal_mask(2))
 
 
-def test_last_only_and_weight_layout():
+def test_last_only_is_the_last_row():
     torch.manual_seed(1)
     model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, hidden_dim=96,
                                   max_seq_len=32, tie_embeddings=True)).eval()
@@ -543,96 +545,7 @@ def test_last_only_and_weight_layout():
     with torch.no_grad():
         full = model(x)
         last = model(x, last_only=True)
-        assert last.shape == (2, 1, 300) and (last[:, 0] - full[:, -1]).abs().max() < 1e-5
-        state = {k: v.clone() for k, v in model.state_dict().items()}
-        assert model.set_weight_layout("in_out") is model
-        w = model.layers[0].attention.wo.weight
-        assert w.stride() == (1, 64) and w.t().is_contiguous()
-        attn = model.layers[0].attention
-        assert attn.wqkv.shape == (64, 64 + 32 + 32) and attn._fused_qkv() is attn.wqkv
-        assert torch.equal(attn.wk.weight, attn.wqkv[:, 64:96].t())
-        ff = model.layers[1].feed_forward
-        assert ff.w13.shape == (64, 2 * 96) and ff.w13.is_contiguous()
-        assert ff.w1.weight.data_ptr() == ff.w13.data_ptr() and torch.equal(ff.w3.weight, ff.w13[:, 96:].t())
-        assert model.output.weight is model.tok_embeddings.weight and model.output.weight.stride() == (1, 300)
-        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())   # same values
-        assert (model(x) - full).abs().max() < 1e-5
-        model.set_weight_layout("out_in")
-        assert all(p.is_contiguous() for p in model.parameters()) and model.layers[0].attention.wqkv is None
-        assert model.layers[1].feed_forward.w13 is None
-        assert model.output.weight is model.tok_embeddings.weight
-        assert (model(x) - full).abs().max() < 1e-5
-    with pytest.raises(ValueError, match="layout must be 'out_in' or 'in_out', got 'row'"):
-        model.set_weight_layout("row")
-
-
-def test_fused_qkv_equals_separate_and_falls_back_safely():
-    from course_lib.attention import Attention
-    from course_lib.rope import precompute_freqs_cis
-    torch.manual_seed(3)
-    attn = Attention(48, 6, 2, max_seq_len=16)
-    x, freqs = torch.randn(2, 5, 48), precompute_freqs_cis(8, 16)
-
-    def run(a):
-        return a(x, 0, freqs[:5], causal_mask(5))
-    with torch.no_grad():
-        separate = run(attn)
-        attn.fuse_qkv()
-        assert attn.wqkv.shape == (48, 48 + 16 + 16) and attn._fused_qkv() is attn.wqkv
-        assert (run(attn) - separate).abs().max() < 1e-5
-        # loading weights copies into the views, so the fused matrix follows
-        other = Attention(48, 6, 2, max_seq_len=16)
-        attn.load_state_dict(other.state_dict())
-        assert attn._fused_qkv() is attn.wqkv and (run(attn) - run(other)).abs().max() < 1e-5
-        # a replaced weight is no longer a block of wqkv: forward uses the three products again
-        attn.wk.weight = torch.nn.Parameter(torch.zeros(16, 48))
-        assert attn._fused_qkv() is None
-        other.wk.weight = torch.nn.Parameter(torch.zeros(16, 48))
-        assert (run(attn) - run(other)).abs().max() < 1e-5
-    # a deep copy clones each parameter on its own: no longer blocks of wqkv, so the safe path is taken
-    import copy
-    attn2 = Attention(48, 6, 2, max_seq_len=16).fuse_qkv()
-    twin = copy.deepcopy(attn2)
-    with torch.no_grad():
-        assert attn2._fused_qkv() is attn2.wqkv and twin._fused_qkv() is None
-        assert (run(twin) - run(attn2)).abs().max() < 1e-5
-        assert twin.fuse_qkv()._fused_qkv() is twin.wqkv                 # fusing again works
-    # training: gradients must reach wq, wk, wv, so the fused shortcut is not taken
-    attn.load_state_dict(other.state_dict())
-    attn.fuse_qkv()
-    assert attn._fused_qkv() is None                                     # grad enabled, weights require grad
-    run(attn).sum().backward()
-    assert all(p.grad is not None for p in (attn.wq.weight, attn.wk.weight, attn.wv.weight))
-    attn.fuse_qkv(False)
-    assert attn.wqkv is None and attn.wq.weight.is_contiguous()
-
-
-def test_fused_w13_equals_separate_and_falls_back_safely():
-    from course_lib.feed_forward import FeedForward
-    torch.manual_seed(4)
-    ff, other = FeedForward(48, 80), FeedForward(48, 80)
-    x = torch.randn(2, 5, 48)
-    with torch.no_grad():
-        separate = ff(x)
-        assert ff.fuse_w13() is ff and ff.w13.shape == (48, 160)
-        assert ff._w13_offsets == (0, 80 * 4)                            # w3's block starts 80 floats in
-        assert (ff(x) - separate).abs().max() < 1e-5
-        ff.load_state_dict(other.state_dict())                           # copies into the views
-        assert (ff(x) - other(x)).abs().max() < 1e-5 and torch.equal(ff.w13[:, :80], other.w1.weight.t())
-        ff.w3.weight = torch.nn.Parameter(torch.zeros(80, 48))           # replaced: not a block of w13 any more
-        other.w3.weight = torch.nn.Parameter(torch.zeros(80, 48))
-        assert (ff(x) - other(x)).abs().max() == 0                       # gate * 0: the separate products ran
-    import copy
-    twin = copy.deepcopy(FeedForward(48, 80).fuse_w13())
-    with torch.no_grad():
-        assert twin.w13 is not None and twin.w1.weight.data_ptr() != twin.w13.data_ptr()
-        assert (twin(x) - twin.fuse_w13(False)(x)).abs().max() < 1e-5   # the copy fell back, then separated
-    # training: gradients must reach w1 and w3, so the fused product is not used
-    ff.fuse_w13()
-    ff(x).sum().backward()
-    assert ff.w1.weight.grad is not None and ff.w3.weight.grad is not None
-    ff.fuse_w13(False)
-    assert ff.w13 is None and ff.w1.weight.is_contiguous() and ff.w3.weight.is_contiguous()
+    assert last.shape == (2, 1, 300) and (last[:, 0] - full[:, -1]).abs().max() < 1e-5
 
 
 # ------------------------------------------------------------------ checkers
@@ -841,12 +754,12 @@ def test_smollm2_greedy_equals_transformers_generate(smollm2, hf_model):
     for ids in PROMPTS:
         theirs = hf_generate(hf_model, ids, do_sample=False)
         assert list(generate_tokens(smollm2, ids, 32, eos_id=eos)) == theirs
-    # the in_out weight layout (faster decoding) chooses the same tokens
-    smollm2.set_weight_layout("in_out")
+    # chapter 07c's fused layers (faster decoding) choose the same tokens
+    fuse_model(smollm2)
     try:
         assert list(generate_tokens(smollm2, PROMPTS[2], 32, eos_id=eos)) == theirs
     finally:
-        smollm2.set_weight_layout("out_in")
+        fuse_model(smollm2, fuse=False)
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 file (the Rust `tokenizers` BPE, its ByteLevel pre-tokenizer with Oniguruma's Unicode tables, its decoder),
 transformers' own Jinja rendering of chat templates, a tiny GGUF file written with gguf.GGUFWriter, plus
 bad input, load_gguf/load_smollm2 and the exercise checkers."""
+import contextlib
 import os
 import random
 from pathlib import Path
@@ -22,11 +23,12 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode as hf_bytes_to_
 from transformers.utils.chat_template_utils import render_jinja_template
 
 import course_lib.gguf_tokenizer as G
-from course_lib.gguf_tokenizer import (GGUFTokenizer, bpe_word, bytes_to_unicode, check_bpe_word,
-                                       check_bytes_to_unicode, load_gguf, load_smollm2, pretokenize,
-                                       rank_space_merges, render_chat_template)
+from course_lib.checks.gguf_tokenizer import check_bpe_word, check_bytes_to_unicode
+from course_lib.gguf_tokenizer import (GGUFTokenizer, bpe_word, bytes_to_unicode, load_gguf, load_smollm2,
+                                       pretokenize, rank_space_merges, render_chat_template)
 from course_lib.model import Transformer
 from course_lib.tokenizer import SPLIT_PATTERN, BPE
+from course_lib.validation import trusted_inputs
 from course_lib.weights import fetch_smollm2, load_gguf_model, read_gguf
 
 SPELL = {b: c for b, c in hf_bytes_to_unicode().items()}  # transformers' copy of GPT-2's table
@@ -138,11 +140,13 @@ def test_chapter01_pattern_is_not_exact():
         assert [spell(p) for p in ch01.findall(text)] != expected
 
 
-def test_pretokenize_and_unicode_class_bad_input():
-    with pytest.raises(TypeError, match="text should be a str, got bytes"):
-        pretokenize(b"abc")
-    with pytest.raises(ValueError, match="major should be 'L'.*got 'P'"):
-        G.unicode_class("P")
+@pytest.mark.parametrize("context", [contextlib.nullcontext, trusted_inputs], ids=["direct", "trusted"])
+def test_pretokenize_and_unicode_class_bad_input(context):
+    with context():  # an entry point checks its arguments, inside trusted_inputs() too
+        with pytest.raises(TypeError, match="text should be a str, got bytes"):
+            pretokenize(b"abc")
+        with pytest.raises(ValueError, match="major should be 'L'.*got 'P'"):
+            G.unicode_class("P")
 
 
 # ---------------------------------------------------------------- encode and decode against transformers
@@ -233,26 +237,28 @@ def test_decode_accepts_tensors_and_arrays(tok):
     assert tok.decode([]) == ""
 
 
-def test_bad_input(tok):
-    for bad in (42, None, b"text", ["a"]):
-        with pytest.raises(TypeError, match=f"text should be a str, got {type(bad).__name__}"):
-            tok.encode(bad)
-    with pytest.raises(ValueError, match="not valid Unicode"):
-        tok.encode("a\ud800b")
-    with pytest.raises(ValueError, match="ids contains 49152, which is not a token id"):
-        tok.decode([5, 49152])
-    with pytest.raises(ValueError, match="ids contains -1"):
-        tok.decode([-1])
-    with pytest.raises(TypeError, match="ids should hold ints, got 1.0"):
-        tok.decode([1.0])
-    with pytest.raises(TypeError, match="ids should hold ints, got 'a'"):
-        tok.decode(["a"])
-    with pytest.raises(TypeError, match="ids should be a list of ints, got str"):
-        tok.decode("abc")
-    with pytest.raises(TypeError, match="got int"):
-        tok.decode(5)
-    with pytest.raises(ValueError, match="ids contains 99999"):
-        tok.token_bytes(99999)
+@pytest.mark.parametrize("context", [contextlib.nullcontext, trusted_inputs], ids=["direct", "trusted"])
+def test_bad_input(tok, context):
+    with context():  # an entry point checks its arguments, inside trusted_inputs() too
+        for bad in (42, None, b"text", ["a"]):
+            with pytest.raises(TypeError, match=f"text should be a str, got {type(bad).__name__}"):
+                tok.encode(bad)
+        with pytest.raises(ValueError, match="not valid Unicode"):
+            tok.encode("a\ud800b")
+        with pytest.raises(ValueError, match="ids contains 49152, which is not a token id"):
+            tok.decode([5, 49152])
+        with pytest.raises(ValueError, match="ids contains -1"):
+            tok.decode([-1])
+        with pytest.raises(TypeError, match="ids should hold ints, got 1.0"):
+            tok.decode([1.0])
+        with pytest.raises(TypeError, match="ids should hold ints, got 'a'"):
+            tok.decode(["a"])
+        with pytest.raises(TypeError, match="ids should be a list of ints, got str"):
+            tok.decode("abc")
+        with pytest.raises(TypeError, match="got int"):
+            tok.decode(5)
+        with pytest.raises(ValueError, match="ids contains 99999"):
+            tok.token_bytes(99999)
 
 
 # ---------------------------------------------------------------- BPE pieces
@@ -291,11 +297,13 @@ def test_rank_space_merges_small():
         rank_space_merges(["a b", "a b"], vocab)
 
 
-def test_bpe_word_bad_input():
-    with pytest.raises(TypeError, match="word should be a str, got list"):
-        bpe_word(["a"], {})
-    with pytest.raises(TypeError, match="ranks should be a dict"):
-        bpe_word("ab", [("a", "b")])
+@pytest.mark.parametrize("context", [contextlib.nullcontext, trusted_inputs], ids=["direct", "trusted"])
+def test_bpe_word_bad_input(context):
+    with context():  # an entry point checks its arguments, inside trusted_inputs() too
+        with pytest.raises(TypeError, match="word should be a str, got list"):
+            bpe_word(["a"], {})
+        with pytest.raises(TypeError, match="ranks should be a dict"):
+            bpe_word("ab", [("a", "b")])
 
 
 # ---------------------------------------------------------------- chat templates
@@ -451,8 +459,7 @@ def test_load_gguf_tiny(tmp_path):
     assert model.args.max_seq_len == 32 and model.args.vocab_size == tokenizer.vocab_size
     ids = tokenizer.encode("the cat", bos=True)
     assert model(torch.tensor([ids])).shape == (1, len(ids), tokenizer.vocab_size)
-    assert model.layers[0].attention.wqkv is not None and model.output.weight.t().is_contiguous()  # in_out layout
-    ref = load_gguf_model(read_gguf(path), max_seq_len=32)    # PyTorch's (out, in) layout: the same values
+    ref = load_gguf_model(read_gguf(path), max_seq_len=32)    # the same weights as the model loader's
     assert model.state_dict().keys() == ref.state_dict().keys()
     assert all(torch.equal(model.state_dict()[k], w) for k, w in ref.state_dict().items())
     model, _ = load_gguf(read_gguf(path))                     # a GGUFFile works too; context length from the file

@@ -16,7 +16,8 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRot
 from course_lib import (PRESETS, ModelArgs, Transformer, TransformerBlock, args_from_hf_config,
                         count_parameters, permute_meta_to_hf, precompute_freqs_cis)
 from course_lib.attention import causal_mask
-from course_lib.model import check_count_parameters, check_TransformerBlock, parameter_breakdown
+from course_lib.checks.model import check_count_parameters, check_TransformerBlock
+from course_lib.model import parameter_breakdown
 
 SMALL = dict(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=40, max_seq_len=16)
 
@@ -341,3 +342,48 @@ def test_check_count_catches_mistakes(wrong, says):
     assert not result
     for s in says:
         assert s in str(result), s
+
+
+# ---------------------------------------------------------------- inputs checked once, at the entry
+
+def test_layers_inside_forward_skip_their_checks_and_check_when_called_directly(monkeypatch):
+    "Transformer.forward checks the tokens once; its layers trust their inputs there, and check them on their own."
+    from course_lib.attention import Attention, KVCache
+    from course_lib.feed_forward import FeedForward
+    from course_lib.validation import inputs_trusted, trusted_inputs
+    model = Transformer(PRESETS["tiny"]).eval()
+    tokens = torch.randint(0, PRESETS["tiny"].vocab_size, (2, 5))
+    calls = []
+
+    def refuse(name):
+        def check(*args, **kwargs):
+            calls.append(name)
+            raise AssertionError(f"{name} checked inside the trusted forward pass")
+        return check
+    monkeypatch.setattr(Attention, "_check_input", refuse("Attention"))
+    monkeypatch.setattr(FeedForward, "_check_input", refuse("FeedForward"))
+    monkeypatch.setattr(KVCache, "_check_update", refuse("KVCache"))
+    with torch.no_grad():
+        model(tokens)                                           # prefill
+        model(tokens[:, :1], start_pos=5)                       # and a decode step
+    assert calls == [] and not inputs_trusted()                 # and the flag is down again afterwards
+    monkeypatch.undo()
+    layer = model.layers[0]
+    with pytest.raises(ValueError, match=r"x must be \(batch, seq, dim=64\)"):
+        layer.attention(torch.zeros(1, 3, 32), 0, model.freqs_cis[:3])
+    with pytest.raises(ValueError, match="its last dimension must equal dim"):
+        layer.feed_forward(torch.zeros(2, 3, 7))
+    with trusted_inputs():                                      # the flag nests and resets
+        with trusted_inputs():
+            assert inputs_trusted()
+        assert inputs_trusted()
+    assert not inputs_trusted()
+
+
+def test_an_error_inside_forward_leaves_the_checks_on():
+    from course_lib.validation import inputs_trusted
+    model = Transformer(PRESETS["tiny"]).eval()
+    model.layers[1].feed_forward.w2 = None                       # breaks the forward pass half way
+    with pytest.raises(TypeError):
+        model(torch.zeros(1, 3, dtype=torch.long))
+    assert not inputs_trusted()

@@ -16,15 +16,16 @@ from course_lib.cuda import (NVRTCError, compile_options, cuda_include_dir, cuob
                              max_threads_per_block, registers_per_block, KernelResources)
 
 ARCHS = ("sm_80", "sm_90")
-NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "09_cuda_kernels.ipynb"
+NOTEBOOKS = [Path(__file__).resolve().parents[1] / "notebooks" / name
+             for name in ("09_cuda_kernels.ipynb", "09b_gpu_decoder.ipynb")]
 needs_nvrtc = pytest.mark.skipif(nvrtc_library() is None, reason="NVRTC is not installed (pip install nvidia-cuda-nvrtc)")
 needs_cuobjdump = pytest.mark.skipif(cuobjdump_path() is None, reason="cuobjdump is not installed")
 
 
 def notebook_kernel_sources() -> dict:
-    "The CUDA C strings the notebook's own cells define for the exercises (stubs, buggy versions, answers)."
+    "The CUDA C strings the notebooks' own cells define for the exercises (stubs, buggy versions, answers)."
     out = {}
-    for cell in json.loads(NOTEBOOK.read_text())["cells"]:
+    for cell in [c for notebook in NOTEBOOKS for c in json.loads(notebook.read_text())["cells"]]:
         text = "".join(cell["source"])
         if cell["cell_type"] != "code" or "#| export" in text:
             continue
@@ -66,7 +67,7 @@ def test_the_gate_fails_on_the_infinity_version():
 @needs_nvrtc
 def test_every_exercise_and_checker_source_compiles():
     sources = notebook_kernel_sources()
-    assert {"my_q4_1", "buggy_q4_1", "my_swiglu"} <= set(sources), sorted(sources)
+    assert {"my_q4_1", "buggy_q4_1", "my_swiglu", "my_add_rms_norm"} <= set(sources), sorted(sources)
     sources["library q4_1 (the appendix's answer)"] = cuda.KERNEL_SOURCES["qmatvec_q4_1"]
     for name, source in sources.items():
         for arch in ARCHS:

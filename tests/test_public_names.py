@@ -20,14 +20,16 @@ permute_hf_to_meta permute_meta_to_hf perplexity plot_roofline precompute_cos_si
 pretokenize quantize quantize_model read_gguf render_chat_template repack_blocks repeat_kv rms_norm
 rotate_half sample_next_token sampling_table save_quantized scaled_dot_product tokens_per_second_bound
 top_k_filter top_p_filter train_sentencepiece unpack_blocks upload_matrix weight_bytes
+Decoder validate_decode_input fuse_model is_fused FusedAttention FusedFeedForward fit_conversation
 """.split()
 
 CHECKERS = """
-FeedForward KVCache RMSNorm TransformerBlock apply_repetition_penalty apply_rotary_emb apply_temperature
-bpe_encode bpe_word bytes_to_unicode causal_mask count_parameters dequantize_q4_0 dequantize_q4_1
+FeedForward KVCache RMSNorm TransformerBlock add_rms_norm apply_repetition_penalty apply_rotary_emb
+apply_temperature bpe_encode bpe_word bytes_to_unicode causal_mask count_parameters dequantize_q4_0 dequantize_q4_1
 dequantize_q8_0 gguf_to_meta_name llama_hidden_dim merge_meta_shards merge_pair permute_hf_to_meta
 perplexity precompute_freqs_cis qmatvec_q4_1 qmatvec_swiglu quantize_q4_0 quantize_q4_1 quantize_q8_0
-int4_scales_and_zeros repack_rows8 repeat_kv rms_norm rms_norm_backward scaled_dot_product top_k_filter top_p_filter
+repeat_kv rms_norm rms_norm_backward scaled_dot_product top_k_filter top_p_filter fit_conversation
+int4_scales_and_zeros repack_rows8
 """.split()
 
 

@@ -7,7 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from course_lib.rmsnorm import RMSNorm, check_RMSNorm, check_rms_norm, check_rms_norm_backward, rms_norm
+import course_lib.rmsnorm as rmsnorm_module
+from course_lib.checks.rmsnorm import check_RMSNorm, check_rms_norm, check_rms_norm_backward
+from course_lib.rmsnorm import RMSNorm, rms_norm
+from course_lib.validation import trusted_inputs
 
 LOW = (torch.bfloat16, torch.float16)
 
@@ -167,6 +170,49 @@ def test_forward_rejects_wrong_last_dim_and_integer_input():
 def test_rms_norm_rejects_bad_arguments(x, weight, eps, err, match):
     with pytest.raises(err, match=match):
         rms_norm(x, weight, eps)
+    with trusted_inputs(), pytest.raises(err, match=match):   # a function called directly always checks
+        rms_norm(x, weight, eps)
+
+
+# ---------------------------------------------------------------- inputs checked once (issue 15)
+@pytest.mark.parametrize("x, err, match", [
+    (torch.randn(2, 7), ValueError, r"x has last dimension 7, expected dim=8"),
+    (torch.ones(2, 8, dtype=torch.long), TypeError, r"x must be a floating-point tensor, got dtype torch.int64"),
+    (torch.ones(2, 7, dtype=torch.long), ValueError, r"x has last dimension 7, expected dim=8"),
+    ([1.0] * 8, TypeError, r"x must be a torch.Tensor, got list"),
+    (torch.tensor(3.0), ValueError, r"x must have at least one dimension"),
+    (torch.tensor(3), TypeError, r"x must be a floating-point tensor, got dtype torch.int64"),
+])
+def test_layer_called_directly_names_every_bad_input(x, err, match):
+    m = RMSNorm(8)
+    with pytest.raises(err, match=match):
+        m(x)
+    with trusted_inputs():
+        pass
+    with pytest.raises(err, match=match):                     # the trusted block is over: checked again
+        m(x)
+
+
+def test_layer_skips_its_check_inside_trusted_inputs(monkeypatch):
+    m, x = RMSNorm(8), torch.randn(2, 3, 8)
+    expected = m(x)
+
+    def refuse(*args):
+        raise AssertionError("RMSNorm.forward checked its input inside trusted_inputs()")
+    monkeypatch.setattr(rmsnorm_module, "_check_layer_input", refuse)
+    with trusted_inputs():
+        assert torch.equal(m(x), expected)                    # the check was not called
+    with pytest.raises(AssertionError, match="checked its input"):
+        m(x)                                                  # called directly, it is
+
+
+def test_checks_never_read_tensor_values():
+    "Meta tensors have shapes and dtypes but no values: a check that reads one (.item(), bool(), int()) fails."
+    x = torch.empty(2, 3, 8, device="meta")
+    assert rms_norm(x, torch.empty(8, device="meta")).shape == (2, 3, 8)
+    assert RMSNorm(8).to("meta")(x).shape == (2, 3, 8)
+    with pytest.raises(ValueError, match="x has last dimension 7"):
+        RMSNorm(8).to("meta")(torch.empty(2, 7, device="meta"))
 
 
 # ---------------------------------------------------------------- checkers: accept right answers

@@ -5,9 +5,11 @@ import math
 import pytest
 import torch
 
-from course_lib.rope import (apply_rotary_emb, apply_rotary_emb_hf, check_apply_rotary_emb,
-                             check_permute_hf_to_meta, check_precompute_freqs_cis, permute_hf_to_meta,
-                             permute_meta_to_hf, precompute_cos_sin, precompute_freqs_cis, rotate_half)
+import course_lib.rope as rope_module
+from course_lib.checks.rope import check_apply_rotary_emb, check_permute_hf_to_meta, check_precompute_freqs_cis
+from course_lib.rope import (apply_rotary_emb, apply_rotary_emb_hf, permute_hf_to_meta, permute_meta_to_hf,
+                             precompute_cos_sin, precompute_freqs_cis, rotate_half)
+from course_lib.validation import trusted_inputs
 
 transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig
@@ -256,6 +258,58 @@ def test_apply_bad_input():
         apply_rotary_emb_hf(xq, xk, f[:5], sin[:5])
     with pytest.raises(ValueError, match=r"cos and sin must both be \(seq, head_dim\)"):
         apply_rotary_emb_hf(xq, xk, cos[:5], sin[:4])
+
+
+def test_apply_checks_inside_trusted_inputs_only_when_called_directly(monkeypatch):
+    xq, xk = torch.randn(1, 5, 2, 8), torch.randn(1, 5, 1, 8)
+    f, (cos, sin) = precompute_freqs_cis(8, 5), precompute_cos_sin(8, 5)
+    expected, expected_hf = apply_rotary_emb(xq, xk, f), apply_rotary_emb_hf(xq, xk, cos, sin)
+
+    def refuse(*args):
+        raise AssertionError("checked inside trusted_inputs()")
+    monkeypatch.setattr(rope_module, "_check_rope_inputs", refuse)
+    with trusted_inputs():
+        for got, want in zip(apply_rotary_emb(xq, xk, f) + apply_rotary_emb_hf(xq, xk, cos, sin),
+                             expected + expected_hf):
+            assert torch.equal(got, want)
+    with pytest.raises(AssertionError, match="checked"):
+        apply_rotary_emb(xq, xk, f)                             # called directly: checked
+    with pytest.raises(AssertionError, match="checked"):
+        apply_rotary_emb_hf(xq, xk, cos, sin)
+
+
+def test_a_block_inside_trusted_inputs_skips_the_rmsnorm_and_rope_checks(monkeypatch):
+    "What the Transformer does: its layers run inside trusted_inputs(), where RMSNorm and RoPE check nothing."
+    import course_lib.rmsnorm as rmsnorm_module
+    from course_lib.model import ModelArgs, TransformerBlock
+    torch.manual_seed(0)
+    args = ModelArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=16)
+    block, x = TransformerBlock(0, args).eval(), torch.randn(2, 5, 32)
+    freqs_cis = precompute_freqs_cis(args.head_dim, 5)
+    with torch.no_grad():
+        expected = block(x, 0, freqs_cis, None)
+
+    def refuse(*args):
+        raise AssertionError("a layer checked its input inside trusted_inputs()")
+    for module, name in [(rmsnorm_module, "_check_layer_input"), (rmsnorm_module, "_check_rms_norm_args"),
+                         (rope_module, "_check_rotary_args"), (rope_module, "_check_rope_inputs")]:
+        monkeypatch.setattr(module, name, refuse)
+    with torch.no_grad(), trusted_inputs():
+        assert torch.equal(block(x, 0, freqs_cis, None), expected)
+    with torch.no_grad(), pytest.raises(AssertionError, match="checked its input"):
+        block(x, 0, freqs_cis, None)                            # called directly, the norms check
+
+
+def test_apply_checks_never_read_tensor_values():
+    "Meta tensors have shapes and dtypes but no values: a check that reads one (.item(), bool(), int()) fails."
+    xq, xk = torch.empty(1, 5, 2, 8, device="meta"), torch.empty(1, 5, 1, 8, device="meta")
+    f = torch.empty(5, 4, dtype=torch.complex64, device="meta")
+    cos = sin = torch.empty(5, 8, device="meta")
+    rope_module._check_rotary_args(xq, xk, f)
+    rope_module._check_rotary_hf_args(xq, xk, cos, sin)
+    assert apply_rotary_emb_hf(xq, xk, cos, sin)[0].shape == (1, 5, 2, 8)
+    with pytest.raises(ValueError, match="freqs_cis has 4 positions"):
+        apply_rotary_emb(xq, xk, f[:4])
 
 
 def test_permute_bad_input():

@@ -1,6 +1,7 @@
 """Tests for course_lib.tokenizer (chapter 01), against independent references: hand-computed
 cases, GPT-2's split pattern run by the `regex` module, Hugging Face `tokenizers` (BPE training and
 encoding) and `sentencepiece` itself."""
+import contextlib
 import random
 from pathlib import Path
 
@@ -10,9 +11,10 @@ import sentencepiece as spm
 from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers, trainers
 
 from course_lib.checking import STUB_HINT
-from course_lib.tokenizer import (BPE, LLAMA2_SPM_OPTIONS, Tokenizer, apply_merges, check_bpe_encode,
-                                  check_merge_pair, get_pair_counts, merge_pair, split_text,
-                                  train_merges, train_sentencepiece)
+from course_lib.checks.tokenizer import check_bpe_encode, check_merge_pair
+from course_lib.tokenizer import (BPE, LLAMA2_SPM_OPTIONS, Tokenizer, apply_merges, get_pair_counts, merge_pair,
+                                  split_text, train_merges, train_sentencepiece)
+from course_lib.validation import trusted_inputs
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 CORPUS = DATA / "tinyshakespeare.txt"
@@ -70,9 +72,11 @@ def test_merge_pair_matches_str_replace():
         assert "".join("abcZ"[i] for i in merge_pair(ids, (a, b), 3)) == expected
 
 
-def test_merge_pair_bad_pair():
-    with pytest.raises(ValueError, match="pair"):
-        merge_pair([1, 2], (1, 2, 3), 9)
+@pytest.mark.parametrize("context", [contextlib.nullcontext, trusted_inputs], ids=["direct", "trusted"])
+def test_merge_pair_bad_pair(context):
+    with context():  # an entry point checks its arguments, inside trusted_inputs() too
+        with pytest.raises(ValueError, match="pair"):
+            merge_pair([1, 2], (1, 2, 3), 9)
 
 
 # ---------------------------------------------------------------- split_text
@@ -86,9 +90,11 @@ def test_split_text_matches_gpt2_pattern(text):
         assert "".join(split_text(s)) == s
 
 
-def test_split_text_type_error():
-    with pytest.raises(TypeError, match="text"):
-        split_text(b"bytes")
+@pytest.mark.parametrize("context", [contextlib.nullcontext, trusted_inputs], ids=["direct", "trusted"])
+def test_split_text_type_error(context):
+    with context():  # an entry point checks its arguments, inside trusted_inputs() too
+        with pytest.raises(TypeError, match="text"):
+            split_text(b"bytes")
 
 
 # ---------------------------------------------------------------- BPE training and encoding
@@ -175,27 +181,29 @@ def test_train_merges_weights_by_chunk_count():
     assert apply_merges([97, 98, 99], {(98, 99): 256, (97, 98): 257}) == [97, 256]
 
 
-def test_bpe_bad_input(bpe):
-    with pytest.raises(TypeError, match="text"):
-        bpe.encode(b"bytes")
-    with pytest.raises(TypeError, match="text"):
-        BPE.train(None, 300)
-    with pytest.raises(TypeError, match="vocab_size"):
-        BPE.train("abc", 300.0)
-    with pytest.raises(ValueError, match="vocab_size.*100"):
-        BPE.train("abc", 100)
-    with pytest.raises(ValueError, match="5000"):
-        bpe.decode([104, 5000])
-    with pytest.raises(ValueError, match="-1"):
-        bpe.decode([-1])
-    with pytest.raises(TypeError, match="ids"):
-        bpe.decode([1.5])
-    with pytest.raises(ValueError, match="text"):
-        bpe.encode("lone surrogate \ud800")
-    with pytest.raises(ValueError, match="257"):
-        BPE({(97, 98): 257})
-    with pytest.raises(ValueError, match="not defined"):
-        BPE({(97, 300): 256})
+@pytest.mark.parametrize("context", [contextlib.nullcontext, trusted_inputs], ids=["direct", "trusted"])
+def test_bpe_bad_input(bpe, context):
+    with context():  # an entry point checks its arguments, inside trusted_inputs() too
+        with pytest.raises(TypeError, match="text"):
+            bpe.encode(b"bytes")
+        with pytest.raises(TypeError, match="text"):
+            BPE.train(None, 300)
+        with pytest.raises(TypeError, match="vocab_size"):
+            BPE.train("abc", 300.0)
+        with pytest.raises(ValueError, match="vocab_size.*100"):
+            BPE.train("abc", 100)
+        with pytest.raises(ValueError, match="5000"):
+            bpe.decode([104, 5000])
+        with pytest.raises(ValueError, match="-1"):
+            bpe.decode([-1])
+        with pytest.raises(TypeError, match="ids"):
+            bpe.decode([1.5])
+        with pytest.raises(ValueError, match="text"):
+            bpe.encode("lone surrogate \ud800")
+        with pytest.raises(ValueError, match="257"):
+            BPE({(97, 98): 257})
+        with pytest.raises(ValueError, match="not defined"):
+            BPE({(97, 300): 256})
 
 
 # ---------------------------------------------------------------- SentencePiece and Tokenizer
@@ -268,22 +276,24 @@ def test_tokenizer_matches_sentencepiece(sp_model):
     assert Tokenizer(str(sp_model)).encode("abc") == tok.encode("abc")  # str path too
 
 
-def test_tokenizer_bad_input(sp_model, tmp_path):
-    with pytest.raises(FileNotFoundError, match="missing.model"):
-        Tokenizer(tmp_path / "missing.model")
-    bad = tmp_path / "bad.model"
-    bad.write_bytes(b"this is not a sentencepiece model")
-    with pytest.raises(ValueError, match="not a SentencePiece model"):
-        Tokenizer(bad)
-    tok = Tokenizer(sp_model)
-    with pytest.raises(ValueError, match="500"):
-        tok.decode([1, 500])
-    with pytest.raises(ValueError, match="-1"):
-        tok.decode([-1])
-    with pytest.raises(TypeError, match="text"):
-        tok.encode(["not", "a", "str"])
-    with pytest.raises(TypeError, match="ids"):
-        tok.decode([1.0])
+@pytest.mark.parametrize("context", [contextlib.nullcontext, trusted_inputs], ids=["direct", "trusted"])
+def test_tokenizer_bad_input(sp_model, tmp_path, context):
+    with context():  # an entry point checks its arguments, inside trusted_inputs() too
+        with pytest.raises(FileNotFoundError, match="missing.model"):
+            Tokenizer(tmp_path / "missing.model")
+        bad = tmp_path / "bad.model"
+        bad.write_bytes(b"this is not a sentencepiece model")
+        with pytest.raises(ValueError, match="not a SentencePiece model"):
+            Tokenizer(bad)
+        tok = Tokenizer(sp_model)
+        with pytest.raises(ValueError, match="500"):
+            tok.decode([1, 500])
+        with pytest.raises(ValueError, match="-1"):
+            tok.decode([-1])
+        with pytest.raises(TypeError, match="text"):
+            tok.encode(["not", "a", "str"])
+        with pytest.raises(TypeError, match="ids"):
+            tok.decode([1.0])
 
 
 # ---------------------------------------------------------------- exercise checkers

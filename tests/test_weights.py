@@ -15,14 +15,15 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
+import course_lib.gguf_format as GF
 import course_lib.weights as W
+from course_lib.checks.weights import (check_dequantize_q4_0, check_dequantize_q4_1, check_dequantize_q8_0,
+                                       check_gguf_to_meta_name, check_merge_meta_shards)
 from course_lib.cli import main
-from course_lib.weights import (FetchError, args_from_gguf, check_dequantize_q4_0, check_dequantize_q4_1,
-                                check_dequantize_q8_0, check_gguf_to_meta_name,
-                                check_merge_meta_shards, dequantize_gguf_tensor, dequantize_q4_0,
-                                dequantize_q4_1, dequantize_q8_0, fetch_smollm2, gguf_to_meta_name,
-                                load_gguf_model, load_hf_checkpoint, load_meta_checkpoint,
-                                merge_meta_shards, read_gguf)
+from course_lib.gguf_format import (dequantize_gguf_tensor, dequantize_q4_0, dequantize_q4_1, dequantize_q8_0,
+                                    read_gguf)
+from course_lib.weights import (FetchError, args_from_gguf, fetch_smollm2, gguf_to_meta_name, load_gguf_model,
+                                load_hf_checkpoint, load_meta_checkpoint, merge_meta_shards)
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # transformers reads local files only
 ROOT = Path(__file__).resolve().parents[1]
@@ -679,19 +680,19 @@ def test_check_gguf_to_meta_name():
 def test_check_dequantize_q4_1():
     assert check_dequantize_q4_1(dequantize_q4_1)
     def interleaved(blocks):
-        d, m = W._fp16(blocks[:, :2]), W._fp16(blocks[:, 2:4])
+        d, m = GF._fp16(blocks[:, :2]), GF._fp16(blocks[:, 2:4])
         qs = blocks[:, 4:]
         return torch.stack([qs & 15, qs >> 4], dim=2).reshape(-1, 32).float() * d + m
     r = check_dequantize_q4_1(interleaved)
     assert not r and "the nibbles are interleaved" in str(r)
     def q4_0_formula(blocks):
-        d = W._fp16(blocks[:, :2])
-        return (W._nibbles(blocks[:, 4:]).float() - 8) * d
+        d = GF._fp16(blocks[:, :2])
+        return (GF._nibbles(blocks[:, 4:]).float() - 8) * d
     r = check_dequantize_q4_1(q4_0_formula)
     assert not r and "Q4_0's formula" in str(r)
     def swapped_d_m(blocks):
-        d, m = W._fp16(blocks[:, 2:4]), W._fp16(blocks[:, :2])
-        return W._nibbles(blocks[:, 4:]).float() * d + m
+        d, m = GF._fp16(blocks[:, 2:4]), GF._fp16(blocks[:, :2])
+        return GF._nibbles(blocks[:, 4:]).float() * d + m
     r = check_dequantize_q4_1(swapped_d_m)
     assert not r and "d and m are swapped" in str(r)
     r = check_dequantize_q4_1(lambda blocks: dequantize_q4_1(blocks).half())
@@ -715,11 +716,11 @@ def test_check_dequantize_q8_0():
     assert check_dequantize_q8_0(dequantize_q8_0)
     assert check_dequantize_q8_0(_via_gguf("Q8_0"))
     def unsigned(blocks):
-        return blocks[:, 2:].float() * W._fp16(blocks[:, :2])
+        return blocks[:, 2:].float() * GF._fp16(blocks[:, :2])
     r = check_dequantize_q8_0(unsigned)
     assert not r and "the values are read as uint8" in str(r) and "got 255, expected -1" in str(r)
     def big_endian(blocks):
-        return blocks[:, 2:].contiguous().view(torch.int8).float() * W._fp16(blocks[:, [1, 0]])
+        return blocks[:, 2:].contiguous().view(torch.int8).float() * GF._fp16(blocks[:, [1, 0]])
     r = check_dequantize_q8_0(big_endian)
     assert not r and "d is read big-endian" in str(r)
     def integer_d(blocks):
@@ -738,23 +739,23 @@ def test_check_dequantize_q4_0():
     assert check_dequantize_q4_0(_via_gguf("Q4_0"))
     def interleaved(blocks):
         qs = blocks[:, 2:]
-        return (torch.stack([qs & 15, qs >> 4], dim=2).reshape(-1, 32).float() - 8) * W._fp16(blocks[:, :2])
+        return (torch.stack([qs & 15, qs >> 4], dim=2).reshape(-1, 32).float() - 8) * GF._fp16(blocks[:, :2])
     r = check_dequantize_q4_0(interleaved)
     assert not r and "the nibbles are interleaved" in str(r)
     def no_offset(blocks):
-        return W._nibbles(blocks[:, 2:]).float() * W._fp16(blocks[:, :2])
+        return GF._nibbles(blocks[:, 2:]).float() * GF._fp16(blocks[:, :2])
     r = check_dequantize_q4_0(no_offset)
     assert not r and "the -8 is missing" in str(r)
     def signed_nibbles(blocks):
-        q = W._nibbles(blocks[:, 2:]).float()
-        return torch.where(q >= 8, q - 16, q) * W._fp16(blocks[:, :2])
+        q = GF._nibbles(blocks[:, 2:]).float()
+        return torch.where(q >= 8, q - 16, q) * GF._fp16(blocks[:, :2])
     r = check_dequantize_q4_0(signed_nibbles)
     assert not r and "signed 4-bit" in str(r)
     def q4_1_layout(blocks):  # nibbles from byte 4, as if there were an m
         n = len(blocks)
         q = torch.cat([blocks[:, 4:] & 15, torch.zeros(n, 2, dtype=torch.uint8), blocks[:, 4:] >> 4,
                        torch.zeros(n, 2, dtype=torch.uint8)], 1)
-        return (q.float()) * W._fp16(blocks[:, :2])
+        return (q.float()) * GF._fp16(blocks[:, :2])
     r = check_dequantize_q4_0(q4_1_layout)
     assert not r and "Q4_1's layout" in str(r)
     r = check_dequantize_q4_0(lambda blocks: dequantize_q4_0(blocks)[:, :16])

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['check_int4_scales_and_zeros', 'check_repack_rows8']
 
-# %% ../../notebooks/08b_fast_cpu.ipynb #5558c32b
+# %% ../../notebooks/08b_fast_cpu.ipynb #0c6a6dea
 import torch
 
 from ..c_step import repack_rows8

@@ -1,10 +1,10 @@
-"""nbdev export helper (used by `nbdev-export` through `export_procs` in pyproject.toml; never at run time).
+"""nbdev export helper, used by `nbdev-export` through `export_procs` in pyproject.toml (setup.sh puts tools/ on the path).
 
 A notebook may send cells to a module other than its `#| default_exp` one (`#| export checks.rmsnorm`:
 the chapter's checkers, in their own module). nbdev *appends* such cells to the target file, so
 exporting twice would write them twice. This processor starts each such target afresh, as an empty
 generated module, before nbdev appends the notebook's cells: exporting is idempotent again.
-Hand-written, like __init__.py and check.py; it imports nothing from nbdev at module level.
+It lives outside course_lib on purpose: importing course_lib while its modules are half re-exported could fail.
 """
 import os
 from pathlib import Path

@@ -1,5 +1,5 @@
 // prelude.h -- makes CUDA C kernel source compile as ordinary C++ (g++ -include prelude.h)
-// and run on the CPU. Used by tests/cuda_emulator/__init__.py; see README.md there.
+// and run on the CPU. Used by course_lib/cuda/emulator/__init__.py; see README.md there.
 //
 // Execution model, in one paragraph: a launch runs the blocks of the grid one after
 // another on one OS thread. Inside a block every CUDA thread is a cooperative fiber

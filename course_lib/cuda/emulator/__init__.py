@@ -1,11 +1,11 @@
-"""Run CUDA C kernels (CuPy ``RawKernel`` / ``RawModule`` source) on the CPU, for tests.
+"""Run CUDA C kernels (CuPy ``RawKernel`` / ``RawModule`` source) on the CPU, for a machine without a GPU.
 
 The same kernel source that chapter 09 launches with CuPy is compiled with g++ against
 ``prelude.h`` (which turns the CUDA dialect into C++ and supplies threadIdx, __syncthreads,
 warp shuffles, __half, __dp4a, atomics ...) and launched through ctypes. Every CUDA thread
 of a block is a cooperative fiber; blocks run one after another. See README.md.
 
-    from tests.cuda_emulator import EmulatedKernel, emulator_available
+    from course_lib.cuda.emulator import EmulatedKernel, emulator_available
     k = EmulatedKernel(source, "rmsnorm")
     k((n_blocks,), (256,), (x, w, out, np.int32(n), np.float32(eps)), shared_mem=1024)
 
@@ -24,7 +24,6 @@ import copy
 import ctypes
 import hashlib
 import itertools
-import mmap
 import os
 import re
 import shutil
@@ -32,11 +31,16 @@ import subprocess
 import sys
 import tempfile
 import threading
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+
+from .arguments import (_DEFAULT_ARCH, _MAX_SHARED_DEFAULT, _REG_UNIT, _REGS_PER_BLOCK, _SHARED_OPTIN, _Param,
+                        _check_array, _check_resources, _max_threads_for_registers, _registers_for_block,
+                        _scalar_bytes)
+from .guards import _GuardPage, _Guards
+from .source import _arch, _find_kernels, _mask, _rewrite_shared, _user_flags
 
 __all__ = ["EmulatedModule", "EmulatedKernel", "emulator_available", "run_in_every_block_order"]
 
@@ -52,15 +56,6 @@ _SEEDS = itertools.count(1)         # block_order="random": a new shuffle per la
                                     # sequence of shuffles in every process
 _LAUNCH_LOCK = threading.Lock()     # a compiled module keeps its launch state in globals
 _LIBS: dict[str, ctypes.CDLL] = {}
-
-# GPU limits (sm_80 / sm_90)
-_MAX_SHARED_DEFAULT = 48 * 1024     # shared memory per block (static + dynamic) without opting in
-_SHARED_OPTIN = {"sm_80": 163 * 1024, "sm_86": 99 * 1024, "sm_87": 163 * 1024, "sm_89": 99 * 1024,
-                 "sm_90": 227 * 1024}   # ... with max_dynamic_shared_size_bytes raised
-_DEFAULT_ARCH = "sm_90"
-_REGS_PER_BLOCK = 65536             # 32-bit registers
-_REG_UNIT = 256                     # registers are allocated per warp, in units of 256
-_MAX_REGS_PER_THREAD = 255
 
 # CUDA headers that the prelude replaces; their #include lines are blanked (keeping line
 # numbers, so g++'s messages point at the right lines of the kernel source).
@@ -148,277 +143,6 @@ def _runtime_object(cxx: str) -> Path:
     return obj
 
 
-# ---- reading the source ----------------------------------------------------------------------
-
-def _mask(src: str) -> str:
-    """src with comments and string/char literals blanked (same length, newlines kept), so
-    that regexes and brace counting only see code."""
-    out = list(src)
-    i, n = 0, len(src)
-
-    def blank(a, b):
-        for k in range(a, b):
-            if out[k] != "\n":
-                out[k] = " "
-    while i < n:
-        c = src[i]
-        if src.startswith("//", i):
-            j = src.find("\n", i)
-            j = n if j < 0 else j
-            blank(i, j)
-            i = j
-        elif src.startswith("/*", i):
-            j = src.find("*/", i + 2)
-            j = n if j < 0 else j + 2
-            blank(i, j)
-            i = j
-        elif c in "\"'":
-            j = i + 1
-            while j < n and src[j] != c and src[j] != "\n":
-                j += 2 if src[j] == "\\" else 1
-            blank(i + 1, min(j, n))        # keep the quotes: `extern "C"` stays recognisable
-            i = j + 1
-        else:
-            i += 1
-    return "".join(out)
-
-
-def _depths(masked: str) -> list[int]:
-    """Brace depth before every position."""
-    d, out = 0, []
-    for ch in masked:
-        out.append(d)
-        d += (ch == "{") - (ch == "}")
-    return out
-
-
-def _split_params(text: str) -> list[str]:
-    parts, depth, cur = [], 0, []
-    for ch in text:
-        if ch in "(<[":
-            depth += 1
-        elif ch in ")>]":
-            depth -= 1
-        if ch == "," and depth == 0:
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-    parts.append("".join(cur))
-    parts = [" ".join(p.split()) for p in parts]
-    return [] if parts in ([""], ["void"]) else parts
-
-
-_KERNEL = re.compile(
-    r"\b__global__\s+((?:__launch_bounds__\s*\([^)]*\)\s*)?)void\s+"
-    r"((?:__launch_bounds__\s*\([^)]*\)\s*)?)([A-Za-z_]\w*)\s*\(")
-
-
-@dataclass
-class _KernelInfo:
-    name: str
-    params: list[tuple[str, str]]          # (C type as written, parameter name)
-    launch_bounds: int | None
-    template: bool
-
-
-def _find_kernels(masked: str) -> dict[str, _KernelInfo]:
-    found: dict[str, _KernelInfo] = {}
-    for m in _KERNEL.finditer(masked):
-        name = m.group(3)
-        # the parameter list runs to the matching parenthesis
-        depth, j = 1, m.end()
-        while j < len(masked) and depth:
-            depth += (masked[j] == "(") - (masked[j] == ")")
-            j += 1
-        params = []
-        for p in _split_params(masked[m.end():j - 1]):
-            pm = re.search(r"([A-Za-z_]\w*)\s*(\[\s*\])?\s*$", p)
-            pname = pm.group(1) if pm else p
-            params.append((p[:pm.start()].strip() if pm else p, pname))
-        lb = re.search(r"__launch_bounds__\s*\(\s*(\d+)", m.group(1) + m.group(2))
-        before = masked[:m.start()]
-        stmt_start = max(before.rfind(";"), before.rfind("}"), before.rfind("{"))
-        template = re.search(r"\btemplate\b", before[stmt_start + 1:]) is not None
-        found.setdefault(name, _KernelInfo(name, params, int(lb.group(1)) if lb else None, template))
-    return found
-
-
-def _rewrite_shared(src: str, masked: str) -> str:
-    """`extern __shared__ T buf[];` -> a reference to the per-launch dynamic buffer;
-    simple function-local `__shared__ T name[...];` -> static storage poisoned with 0xFF at
-    the start of every block (catches reads of shared memory nobody wrote)."""
-    depth = _depths(masked)
-    edits = []          # (start, end, replacement); everything stays on its line
-    align = r"(?:__align__|alignas)\s*\(\s*\d+\s*\)"
-    ext = re.compile(rf"\bextern\s+__shared__\s+((?:{align}|[^;{{}}()])*?)\s*([A-Za-z_]\w*)\s*\[\s*\]\s*;")
-    for m in ext.finditer(masked):
-        typ = re.sub(r"__align__\s*\(\s*\d+\s*\)|alignas\s*\(\s*\d+\s*\)", " ", m.group(1)).strip()
-        edits.append((m.start(), m.end(),
-                      f"{typ}* const& {m.group(2)} = reinterpret_cast<{typ}* const&>(::__emu::dyn_smem);"))
-    taken = [(a, b) for a, b, _ in edits]
-    loc = re.compile(rf"\b(?:static\s+)?__shared__\s+((?:{align}|[^;{{}}()=,])*?)\s*\b([A-Za-z_]\w*)\s*"
-                     r"((?:\[[^\]]*\]\s*)*);")
-    for m in loc.finditer(masked):
-        if any(a <= m.start() < b for a, b in taken):
-            continue
-        if depth[m.start()] == 0:          # file scope: plain static storage, no poisoning
-            edits.append((m.start(), m.end(), f"static {m.group(1)} {m.group(2)}{m.group(3)};"))
-            continue
-        v, n = m.group(2), len(edits)
-        edits.append((m.start(), m.end(),
-                      f"static {m.group(1)} {v}{m.group(3)}; static unsigned long long __emu_ep{n} = 0; "
-                      f"::__emu::poison_shared((void*)&{v}, sizeof({v}), __emu_ep{n});"))
-    for a, b, r in sorted(edits, reverse=True):
-        src = src[:a] + r + src[b:]
-    # any other `static __shared__` (e.g. with an initialiser, which CUDA rejects anyway)
-    return re.sub(r"\bstatic\s+__shared__\b", "__shared__", src)
-
-
-def _user_flags(options) -> list[str]:
-    """CuPy/NVRTC options that mean something to g++: -D, -U, -I. Others (-arch,
-    --use_fast_math, -std=...) are ignored; the emulator always uses C++17."""
-    flags, opts = [], list(options or ())
-    i = 0
-    while i < len(opts):
-        o = str(opts[i])
-        if o in ("-D", "-U", "-I") and i + 1 < len(opts):
-            flags.append(o + str(opts[i + 1]))
-            i += 1
-        elif o.startswith(("-D", "-U", "-I")):
-            flags.append(o)
-        elif o.startswith(("--define-macro=", "--include-path=")):
-            flags.append(("-D" if o.startswith("--d") else "-I") + o.split("=", 1)[1])
-        i += 1
-    return flags
-
-
-def _arch(options) -> str:
-    """The sm_XX of an -arch / --gpu-architecture option (it sets the shared memory limit),
-    else sm_90."""
-    opts = [str(o) for o in options or ()]
-    for i, o in enumerate(opts):
-        value = None
-        if o in ("-arch", "--gpu-architecture") and i + 1 < len(opts):
-            value = opts[i + 1]
-        elif o.startswith(("-arch=", "--gpu-architecture=")):
-            value = o.split("=", 1)[1]
-        if value:
-            m = re.search(r"(\d+)", value)
-            if m:
-                return f"sm_{m.group(1)}"
-    return _DEFAULT_ARCH
-
-
-# ---- registers and shared memory ----------------------------------------------------------------
-
-def _check_resources(resources) -> dict[str, dict]:
-    """{kernel: {"registers": int | None, "shared": int, "local": int}}, validated."""
-    if resources is None:
-        return {}
-    if not isinstance(resources, dict):
-        raise TypeError(f"resources must be a dict {{kernel name: {{'registers': ..., 'shared': ..., "
-                        f"'local': ...}}}}, got {type(resources).__name__}")
-    out = {}
-    for name, r in resources.items():
-        if not isinstance(r, dict):
-            raise TypeError(f"resources[{name!r}] must be a dict, got {type(r).__name__}")
-        entry = {"registers": r.get("registers"), "shared": r.get("shared") or 0, "local": r.get("local") or 0}
-        for key, v in entry.items():
-            if v is not None and (not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 0):
-                raise ValueError(f"resources[{name!r}][{key!r}] must be a non-negative int, got {v!r}")
-        if entry["registers"] is not None and entry["registers"] > _MAX_REGS_PER_THREAD:
-            raise ValueError(f"resources[{name!r}]: {entry['registers']} registers per thread; a GPU has at "
-                             f"most {_MAX_REGS_PER_THREAD}")
-        out[name] = {k: (None if v is None else int(v)) for k, v in entry.items()}
-    return out
-
-
-def _registers_per_warp(regs: int) -> int:
-    return -(-regs * 32 // _REG_UNIT) * _REG_UNIT
-
-
-def _registers_for_block(regs: int, threads: int) -> int:
-    """Registers a block of `threads` needs: whole warps, each allocated in units of 256."""
-    return -(-threads // 32) * _registers_per_warp(regs)
-
-
-def _max_threads_for_registers(regs) -> int:
-    """The largest block (a multiple of 32 threads) whose registers fit the register file."""
-    if not regs:
-        return 1024
-    return min(1024, _REGS_PER_BLOCK // _registers_per_warp(regs) * 32)
-
-
-# ---- argument checking --------------------------------------------------------------------------
-
-_NP = {("f", 4): (np.float32,), ("f", 8): (np.float64,), ("h", 2): (np.float16,),
-       ("i", 1): (np.int8,), ("u", 1): (np.uint8,), ("c", 1): (np.int8, np.uint8),
-       ("i", 2): (np.int16,), ("u", 2): (np.uint16,), ("i", 4): (np.int32,),
-       ("u", 4): (np.uint32,), ("i", 8): (np.int64,), ("u", 8): (np.uint64,),
-       ("b", 1): (np.bool_,)}
-
-
-@dataclass
-class _Param:
-    index: int
-    name: str
-    ctype: str
-    pointer: bool
-    cls: str        # f h i u c b v s p (see prelude.h, describe_param)
-    size: int
-    align: int
-    const: bool
-
-    def label(self):
-        return f"argument {self.index} ('{(self.ctype + ' ' + self.name).strip()}')"
-
-
-def _names(dtypes) -> str:
-    return " or ".join(f"np.{np.dtype(t).name}" for t in dtypes)
-
-
-def _check_array(p: _Param, kernel: str, a) -> np.ndarray:
-    if not isinstance(a, np.ndarray):
-        raise TypeError(f"{kernel}: {p.label()} is a pointer, so it needs a numpy array, "
-                        f"got {type(a).__name__}")
-    if not a.flags.c_contiguous:
-        raise ValueError(f"{kernel}: argument {p.index} ('{p.name}') is not C-contiguous; "
-                         f"a kernel sees raw memory, pass np.ascontiguousarray(...)")
-    allowed = _NP.get((p.cls, p.size))
-    if p.cls == "h":
-        allowed = (np.float16, np.uint16)        # raw fp16 bits are fine too
-    if allowed is not None and a.dtype.type not in allowed:
-        raise TypeError(f"{kernel}: {p.label()} points to {p.ctype.replace('*', '').strip()}, "
-                        f"which needs an array of {_names(allowed)}, got {a.dtype}")
-    if p.cls == "p":
-        raise TypeError(f"{kernel}: {p.label()}: pointer-to-pointer parameters are not supported")
-    if a.size and a.ctypes.data % max(p.align, 1):
-        raise ValueError(f"{kernel}: argument {p.index} ('{p.name}') starts at an address that is not "
-                         f"{p.align}-byte aligned (a GPU fails with 'misaligned address')")
-    if not p.const and not a.flags.writeable:
-        raise ValueError(f"{kernel}: argument {p.index} ('{p.name}') is read-only, but the "
-                         f"parameter is a non-const pointer")
-    return a
-
-
-def _scalar_bytes(p: _Param, kernel: str, a) -> bytes:
-    allowed = _NP.get((p.cls, p.size))
-    if isinstance(a, np.ndarray):
-        raise TypeError(f"{kernel}: {p.label()} is passed by value; pass a numpy scalar such as "
-                        f"{_names(allowed or (np.int32,))}(...), not an array")
-    if not isinstance(a, np.generic):
-        hint = f"{_names(allowed)}({a!r})" if allowed else "a numpy scalar"
-        raise TypeError(f"{kernel}: {p.label()} got a Python {type(a).__name__}; CuPy would pass "
-                        f"it with the wrong C type. Pass {hint}")
-    if allowed is None:         # struct by value: any numpy scalar of the right size
-        if a.dtype.itemsize != p.size:
-            raise TypeError(f"{kernel}: {p.label()} needs a {p.size}-byte value, got {a.dtype}")
-    elif a.dtype.type not in allowed:
-        raise TypeError(f"{kernel}: {p.label()} needs {_names(allowed)}, got np.{a.dtype.name}")
-    return a.tobytes()
-
-
 # ---- modules and kernels -------------------------------------------------------------------------
 
 class EmulatedModule:
@@ -450,7 +174,7 @@ class EmulatedModule:
         self._exprs += [e for e in self.name_expressions if e not in self._exprs]
         text = _CUDA_HEADERS.sub(lambda m: "// (include handled by the CUDA emulator)", source)
         text = _rewrite_shared(text, _mask(text))
-        gen = ["", "// ---- launchers generated by tests/cuda_emulator ----"]
+        gen = ["", "// ---- launchers generated by course_lib/cuda/emulator ----"]
         for i, e in enumerate(self._exprs):
             gen.append(f'extern "C" int __emu_launch_{i}(const void* c, void** a) '
                        f'{{ return ::__emu::launch(&{e}, (const ::__emu::LaunchConfig*)c, a); }}')
@@ -686,11 +410,6 @@ class EmulatedKernel:
         return err.value.decode(errors="replace") if rc else ""
 
 
-class _GuardPage(ctypes.Structure):         # prelude.h: struct GuardPage
-    _fields_ = [("lo", ctypes.c_ulonglong), ("hi", ctypes.c_ulonglong), ("start", ctypes.c_ulonglong),
-                ("nbytes", ctypes.c_ulonglong), ("elem", ctypes.c_ulonglong), ("label", ctypes.c_char_p)]
-
-
 class _LaunchConfig(ctypes.Structure):      # prelude.h: struct LaunchConfig
     _fields_ = [("dims", ctypes.c_uint * 6), ("shmem", ctypes.c_ulonglong), ("thread_order", ctypes.c_int),
                 ("block_order", ctypes.c_int), ("seed", ctypes.c_ulonglong), ("stack_bytes", ctypes.c_ulonglong),
@@ -706,150 +425,6 @@ def _dim3(v, what) -> tuple[int, int, int]:
     if min(t) < 1:
         raise ValueError(f"{what} {v!r}: every dimension must be at least 1")
     return t
-
-
-# ---- check_bounds ----------------------------------------------------------------------------------
-
-_PAGE = mmap.PAGESIZE
-
-
-@lru_cache(maxsize=None)
-def _libc():
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                          ctypes.c_long]
-    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    return libc
-
-
-class _GuardedCopy:
-    """The copy of one array that a check_bounds launch runs on, in a mapping of its own:
-
-        | PROT_NONE page | 0xA5 bytes (>= 4 KiB) | data | 0xA5 slack | PROT_NONE page |
-
-    The slack keeps the data start aligned: to 256 bytes (like cudaMalloc) when the size is a
-    multiple of 256, else to the largest power of two dividing the size, but at least 16 (the
-    widest vector load), so the slack is empty unless the size is not a multiple of 16. A read
-    past the end therefore reaches the PROT_NONE page at once (after at most 15 bytes), and
-    faults. Reads of the 0xA5 bytes before the start are not detected; changed 0xA5 bytes
-    after the launch are out-of-bounds writes."""
-    GUARD = 4096
-    FILL = 0xA5
-
-    def __init__(self, nbytes: int):
-        align = max(16, min(256, nbytes & -nbytes))
-        padded = -(-nbytes // align) * align
-        self.nbytes = nbytes
-        self.rw = -(-(self.GUARD + padded) // _PAGE) * _PAGE        # guard + data + slack
-        self.size = self.rw + 2 * _PAGE
-        libc = _libc()
-        base = libc.mmap(None, self.size, mmap.PROT_READ | mmap.PROT_WRITE,
-                         mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
-        if base in (None, ctypes.c_void_p(-1).value):
-            raise MemoryError(f"check_bounds: mmap of {self.size} bytes failed (errno {ctypes.get_errno()})")
-        self.base = base
-        libc.mprotect(base, _PAGE, 0)
-        libc.mprotect(base + _PAGE + self.rw, _PAGE, 0)
-        self.view = np.ctypeslib.as_array((ctypes.c_uint8 * self.rw).from_address(base + _PAGE))
-        self.view[:] = self.FILL
-        self.off = self.rw - padded                       # data offset in view
-        self.start = base + _PAGE + self.off
-
-    def data(self) -> np.ndarray:
-        return self.view[self.off:self.off + self.nbytes]
-
-    def protected_pages(self):
-        """[(lo, hi)] of the two PROT_NONE pages."""
-        return [(self.base, self.base + _PAGE), (self.base + _PAGE + self.rw, self.base + self.size)]
-
-    def changed_guard_bytes(self) -> np.ndarray:
-        """Offsets from the data start of guard bytes that are no longer 0xA5."""
-        outside = np.concatenate([self.view[:self.off], self.view[self.off + self.nbytes:]])
-        bad = np.flatnonzero(outside != self.FILL)
-        return np.where(bad < self.off, bad - self.off, bad - self.off + self.nbytes)
-
-    def close(self):
-        self.view = None
-        _libc().munmap(self.base, self.size)
-
-
-class _Guards:
-    """check_bounds: every array argument runs on a _GuardedCopy, and exactly aliased arguments
-    (same start, same size; e.g. y passed as output and as residual of an in-place y += W x)
-    on the same one. Faults in the PROT_NONE pages are reported by the launch (prelude.h,
-    describe_fault); finish() copies the data back and reports changed guard bytes."""
-
-    def __init__(self, kernel, arrays: dict[int, np.ndarray]):
-        self.kernel, self.arrays = kernel, arrays
-        self.groups = self._alias_groups(kernel, arrays)       # [[argument index, ...]]
-        self.copies, self.labels, self.copy_of = [], [], {}
-        pages = []
-        try:
-            for group in self.groups:
-                a, p = arrays[group[0]], kernel._params[group[0]]
-                c = _GuardedCopy(a.nbytes)
-                self.copies.append(c)
-                c.data()[:] = a.reshape(-1).view(np.uint8)
-                label = self._label(kernel, group, a.nbytes)
-                self.labels.append(label)
-                for i in group:
-                    self.copy_of[i] = c
-                for lo, hi in c.protected_pages():
-                    pages.append((lo, hi, c.start, a.nbytes, p.size, label.encode()))
-        except BaseException:
-            self._close()
-            raise
-        self.pages = (_GuardPage * max(len(pages), 1))(*pages)
-        self.pages_used = len(pages)
-
-    @staticmethod
-    def _alias_groups(kernel, arrays):
-        groups: dict[tuple, list[int]] = {}
-        for i, a in arrays.items():
-            key = (a.ctypes.data, a.nbytes) if a.nbytes else ("empty", i)
-            groups.setdefault(key, []).append(i)
-        spans = sorted((k[0], k[0] + k[1], g[0]) for k, g in groups.items() if k[0] != "empty")
-        for (s0, e0, i0), (s1, e1, i1) in zip(spans, spans[1:]):
-            if s1 < e0:
-                i0, i1 = sorted((i0, i1))
-                n0, n1 = kernel._params[i0].name, kernel._params[i1].name
-                raise ValueError(f"{kernel.name}: check_bounds needs arrays that are either the same or "
-                                 f"do not overlap; arguments {i0} ('{n0}') and {i1} ('{n1}') overlap partly")
-        return list(groups.values())
-
-    @staticmethod
-    def _label(kernel, group, nbytes) -> str:
-        names = [f"{i} ('{kernel._params[i].name}')" for i in group]
-        if len(names) == 1:
-            return f"argument {group[0]} ('{kernel._params[group[0]].name}', {nbytes} bytes)"
-        return f"arguments {', '.join(names[:-1])} and {names[-1]} (the same {nbytes} bytes)"
-
-    def pointer(self, i) -> int:
-        return self.copy_of[i].start
-
-    def finish(self) -> list[str]:
-        """Copies the results back, unmaps the copies; returns out-of-bounds write reports."""
-        problems = []
-        for group, c, label in zip(self.groups, self.copies, self.labels):
-            writable = [self.arrays[i] for i in group if self.arrays[i].flags.writeable]
-            if writable:
-                writable[0].reshape(-1).view(np.uint8)[:] = c.data()
-            rel = c.changed_guard_bytes()
-            if rel.size:
-                # whole elements (an element may change in only some of its bytes)
-                sz = max(self.kernel._params[group[0]].size, 1)
-                lo, hi = int(rel.min()) // sz, int(rel.max()) // sz
-                problems.append(f"{label}: out-of-bounds write to elements {lo}..{hi} "
-                                f"(byte offsets {lo * sz}..{(hi + 1) * sz - 1})")
-        self._close()
-        return problems
-
-    def _close(self):
-        for c in self.copies:
-            c.close()
-        self.copies = []
 
 
 # ---- block order ----------------------------------------------------------------------------------
