@@ -483,14 +483,15 @@ STEPS = [("step 2", dict(matvec="float", attention="single"), "dequant"),
 def bench_smollm2(bench: Bench, n_gpu, n_cpu, check_tokens) -> tuple:
     from course_lib.generation import generate_tokens
     from course_lib.gguf_tokenizer import load_smollm2
-    from course_lib.quantization import FastQuantModel, quantize_model
+from course_lib.quant_model import quantize_model
+from course_lib.fast_cpu import FastQuantModel
     backend, peak = bench.backend, bench.peak
     model, tok = load_smollm2(max_seq_len=512)
     prompt = tok.encode("The capital of France is")
     rows, equal = [], {}
     a = model.args
     for scheme in SCHEMES:
-        reference = quantize_model(copy.deepcopy(model), scheme, backend="dequant")
+        reference = quantize_model(copy.deepcopy(model), scheme, matmul="dequant")
         bound = tokens_per_second_bound(decode_bytes_per_token(a, scheme, "q8_0", kv_len=len(prompt) + n_gpu), peak) \
             if peak else None
         step_bytes = decode_bytes_per_token(a, scheme, "q8_0")           # weights only, no KV cache

@@ -3,8 +3,7 @@
 Modules:
 
 - `course_lib.check`: Exercise checkers: `course_lib.check.<name>(candidate)` checks your version of `course_lib.<name>`.
-- `course_lib.cuda.emulator.cupy_api`: The part of CuPy's API that chapter 09 uses, on top of the CPU emulator of CUDA C.
-- `course_lib.quantization`: Transitional, hand-written (issue 15): chapter 08's code now lives in `quant_formats`, `quant_model`, `evaluation` (notebooks/08_quantization.ipynb), `fast_cpu` and `c_step` (notebooks/08b_fast_cpu.ipynb). Chapters 07d (`cli.py`), 09 and 09b (`cuda/`, `checks/cuda.py`, their tests and benchmarks/cuda_decode.py) still import these names from here; delete this file once they import from the new modules."""
+- `course_lib.cuda.emulator.cupy_api`: The part of CuPy's API that chapter 09 uses, on top of the CPU emulator of CUDA C."""
 
 # This file is an index, written by hand (nbdev writes only the docstring above): it re-exports
 # the public API that homework and graders use. Every other module except check.py is generated

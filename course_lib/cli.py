@@ -52,10 +52,11 @@ def load_model(model: str = "smollm2", max_seq_len=None, quant: str = "none", de
     float_model, tokenizer = _load_float(model, max_seq_len)
     if quant == "none":
         return fuse_model(float_model), tokenizer                        # chapter 07c's faster layers
-    from course_lib.quantization import FastQuantModel, quantize_model   # chapter 08
+    from course_lib.quant_model import quantize_model
+    from course_lib.fast_cpu import FastQuantModel   # chapter 08
     if device == "cuda":
         from course_lib.cuda import CudaQuantModel                       # chapter 09
-        return CudaQuantModel(quantize_model(float_model, quant, backend="dequant")), tokenizer
+        return CudaQuantModel(quantize_model(float_model, quant, matmul="dequant")), tokenizer
     return FastQuantModel(quantize_model(float_model, quant)), tokenizer
 
 # %% ../notebooks/07d_cli.ipynb #6a02edb9

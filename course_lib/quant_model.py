@@ -21,6 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .fast_cpu import to_int4pack
+from .fused import fuse_model
 from .model import ModelArgs, Transformer, guard_model_size
 from .quant_formats import _check_scheme, block_bytes, block_size, dequantize, quantize
 from .validation import inputs_trusted
@@ -151,6 +152,7 @@ def quantize_model(model: Transformer, scheme: str, output_scheme: Optional[str]
     output_scheme = None if output_scheme is None else _check_scheme(output_scheme, "output_scheme")
     if matmul not in MATMULS:
         raise ValueError(f"matmul must be one of {MATMULS}, got {matmul!r}")
+    fuse_model(model, fuse=False)   # chapter 07c's fused layers (if any) back to wq, wk, ...: the same weights
     with torch.no_grad():
         return _swap(model.float(), scheme, output_scheme, matmul, quantize_weights=True, progress=progress).eval()
 

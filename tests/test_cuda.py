@@ -22,7 +22,10 @@ from course_lib.cuda import (CudaQuantModel, KERNEL_SOURCES, QuantMatrix, check_
                              to_device, to_host, tokens_per_second_bound, unpack_blocks, upload_matrix)
 from course_lib.generation import generate_tokens
 from course_lib.model import PRESETS, ModelArgs, Transformer
-from course_lib.quantization import CCompilerError, FastQuantModel, block_bytes, dequantize, quantize, quantize_model
+from course_lib.quant_formats import block_bytes, dequantize, quantize
+from course_lib.quant_model import quantize_model
+from course_lib.fast_cpu import FastQuantModel
+from course_lib.c_step import CCompilerError
 from course_lib.rope import precompute_freqs_cis
 
 from conftest import EMU_OK, EMU_WHY, GPU_OK, GPU_WHY, needs_gpu  # noqa: E402 (tests/conftest.py)
@@ -359,7 +362,7 @@ def tiny_quantized(scheme, seed=0, output_scheme="q8_0"):
     model = Transformer(args).eval()
     with torch.no_grad():
         model.output.weight.mul_(8)                              # confident, varied predictions
-    return quantize_model(model, scheme, output_scheme=output_scheme, backend="dequant")
+    return quantize_model(model, scheme, output_scheme=output_scheme, matmul="dequant")
 
 
 @pytest.mark.parametrize("scheme,output_scheme,n_tokens,attention", [("q4_0", "q8_0", 16, "split"),
@@ -462,10 +465,10 @@ def test_model_construction_errors():
         CudaQuantModel(float_model, backend=NoLaunch())
     with pytest.raises(TypeError, match="qmodel must be a course_lib Transformer"):
         CudaQuantModel("model", backend=NoLaunch())
-    no_output = quantize_model(copy.deepcopy(float_model), "q4_0", output_scheme=None, backend="dequant")
+    no_output = quantize_model(copy.deepcopy(float_model), "q4_0", output_scheme=None, matmul="dequant")
     with pytest.raises(ValueError, match="tok_embeddings is a Embedding, not a quantized module"):
         CudaQuantModel(no_output, backend=get_backend("emulator") if EMU_OK else NoLaunch())
-    quantized = quantize_model(copy.deepcopy(float_model), "q4_0", backend="dequant")
+    quantized = quantize_model(copy.deepcopy(float_model), "q4_0", matmul="dequant")
     with pytest.raises(ValueError, match=r"matvec must be one of \('dp4a', 'float'\), got 'int4'"):
         CudaQuantModel(quantized, backend=NoLaunch(), matvec="int4")
     with pytest.raises(ValueError, match=r"attention must be one of \('split', 'single'\), got 'paged'"):
@@ -660,10 +663,10 @@ def test_smollm2_greedy_matches_the_cpu_quantized_path(use_graph, matvec):
     "Step 2 follows chapter 08's dequantized path, step 3 its C step (the same int8 activations): 32 greedy tokens."
     from course_lib.gguf_tokenizer import load_smollm2
     model, tokenizer = load_smollm2(max_seq_len=128)
-    reference = quantize_model(copy.deepcopy(model), "q4_0", backend="dequant")
+    reference = quantize_model(copy.deepcopy(model), "q4_0", matmul="dequant")
     if matvec == "dp4a":
         reference = FastQuantModel(reference, kernel="c")
-    gpu = CudaQuantModel(copy.deepcopy(quantize_model(copy.deepcopy(model), "q4_0", backend="dequant")), backend="cupy",
+    gpu = CudaQuantModel(copy.deepcopy(quantize_model(copy.deepcopy(model), "q4_0", matmul="dequant")), backend="cupy",
                          matvec=matvec, use_graph=use_graph)
     assert gpu.device == torch.device("cuda") or not torch.cuda.is_available()
     for prompt in ("The capital of France is", "Once upon a time,", "def fibonacci(n):"):
@@ -680,7 +683,7 @@ def test_smollm2_on_the_emulator_follows_the_c_step():
     "The real model through the GPU code path (graph, device argmax) on the emulator: 4 greedy tokens as the C step."
     from course_lib.gguf_tokenizer import load_smollm2
     model, tokenizer = load_smollm2(max_seq_len=64)
-    quantized = quantize_model(model, "q4_0", backend="dequant")
+    quantized = quantize_model(model, "q4_0", matmul="dequant")
     c_step = FastQuantModel(copy.deepcopy(quantized), kernel="c")
     emulated = CudaQuantModel(quantized, backend="emulator", use_graph=True)
     ids = tokenizer.encode("The capital of France is")

@@ -20,8 +20,9 @@ from course_lib.cuda import (DP4A_MAX_THREADS, DP4A_SHAPES, H100_SMS, QuantMatri
                              matvec_unroll, nvrtc_compile, nvrtc_library, repack_blocks, to_device, to_host,
                              upload_matrix)
 from course_lib.model import PRESETS
-from course_lib import quantization
-from course_lib.quantization import dequantize, quantize, repack_rows8
+from course_lib import c_step
+from course_lib.quant_formats import dequantize, quantize
+from course_lib.c_step import repack_rows8
 
 from conftest import EMU_OK, EMU_WHY, GPU_OK, GPU_WHY, needs_gpu  # noqa: E402 (tests/conftest.py)
 
@@ -51,15 +52,15 @@ def ref_quantize_act(x: np.ndarray):
 def c_quantize_act(x: np.ndarray):
     "The C decode step's own quantize_act, through course_matvec (which leaves x's int8 blocks in its buffers)."
     try:
-        lib = quantization.build_c_step()
-    except quantization.CCompilerError as e:
+        lib = c_step.build_c_step()
+    except c_step.CCompilerError as e:
         pytest.skip(str(e))
     x = torch.from_numpy(np.ascontiguousarray(x, np.float32))
     n = x.numel()
     packed = repack_rows8(quantize(torch.zeros(1, n), "q8_0"), "q8_0")
     y = torch.empty(1)
     xq, xd, xs = torch.empty(n, dtype=torch.int8), torch.empty(n // 32), torch.empty(n // 32, dtype=torch.int32)
-    lib.course_matvec(quantization._C_TYPES["q8_0"], packed.data_ptr(), 1, n, x.data_ptr(), y.data_ptr(),
+    lib.course_matvec(c_step._C_TYPES["q8_0"], packed.data_ptr(), 1, n, x.data_ptr(), y.data_ptr(),
                       xq.data_ptr(), xd.data_ptr(), xs.data_ptr(), 1)
     return xq.numpy(), xd.numpy(), xs.numpy()
 

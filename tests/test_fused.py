@@ -124,3 +124,13 @@ def test_fuse_model_inside_inference_mode_still_gives_loadable_weights():
         fuse_model(model)
     model.load_state_dict(state)                                              # in-place copies: normal tensors
     assert not model.layers[0].attention.wqkv.weight.is_inference()
+
+
+def test_quantize_model_takes_a_fused_model():
+    from course_lib.quant_model import quantize_model
+    plain, fused = small_model(seed=5), fuse_model(small_model(seed=5))
+    x = torch.randint(0, 300, (1, 6))
+    with torch.no_grad():
+        a = quantize_model(plain, "q8_0", matmul="dequant")(x)
+        b = quantize_model(fused, "q8_0", matmul="dequant")(x)
+    assert torch.equal(a, b) and not is_fused(fused)

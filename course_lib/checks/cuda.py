@@ -13,7 +13,7 @@ from ..checking import Case, CheckResult, compare, run_cases
 from ..cuda.backend import Backend, _as_int32, _launch, backend_status, empty, get_backend, to_device, to_host
 from ..cuda.compiler import KERNEL_SOURCES
 from ..cuda.matvec import cuda_qmatvec, upload_matrix
-from ..quantization import block_bytes, dequantize, quantize
+from ..quant_formats import block_bytes, dequantize, quantize
 
 # %% ../../notebooks/09_cuda_kernels.ipynb #674874bb
 def _dequant_q4_1_variant(blocks: torch.Tensor, shape, mistake: str) -> torch.Tensor:

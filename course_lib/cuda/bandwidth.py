@@ -7,7 +7,7 @@ __all__ = ['GPU_PEAK_BANDWIDTH', 'peak_bandwidth', 'matrix_bytes', 'decode_bytes
 from typing import Optional
 
 from ..model import ModelArgs
-from ..quantization import block_bytes
+from ..quant_formats import block_bytes
 
 # %% ../../notebooks/09_cuda_kernels.ipynb #49b34dab
 GPU_PEAK_BANDWIDTH = {          # bytes/s, vendors' datasheets: (name fragment, peak); first match wins

@@ -14,7 +14,7 @@ import torch
 
 from .backend import Backend, Launch, _as_int32, _check_array, _check_threads, _launch, to_device
 from .compiler import KERNEL_SOURCES
-from ..quantization import _check_scheme, block_bytes
+from ..quant_formats import _check_scheme, block_bytes
 
 # %% ../../notebooks/09_cuda_kernels.ipynb #3850509f
 KERNEL_SOURCES["qmatvec_plain"] = r"""

@@ -20,7 +20,8 @@ from .matvec import QuantMatrix, _check_launch_shape, cuda_qmatvec, upload_matri
 from .matvec_dp4a import cuda_qmatvec_dp4a, cuda_quantize_x
 from ..model import ModelArgs, Transformer
 from ..decoding import validate_decode_input
-from ..quantization import QuantEmbedding, QuantLinear, _check_scheme
+from ..quant_formats import _check_scheme
+from ..quant_model import QuantEmbedding, QuantLinear
 from ..rope import precompute_freqs_cis
 
 # %% ../../notebooks/09b_gpu_decoder.ipynb #dbf6cc52

@@ -16,7 +16,7 @@ import numpy as np
 from .bandwidth import GPU_PEAK_BANDWIDTH, matrix_bytes
 from .compiler import cuobjdump, decode_source, kernel_resources, nvrtc_compile, occupancy
 from .matvec_dp4a import H100_SMS, matvec_launch_shape, matvec_unroll
-from ..quantization import block_bytes
+from ..quant_formats import block_bytes
 
 # %% ../../notebooks/09b_gpu_decoder.ipynb #39a9870e
 DRAM_LATENCY = 600e-9        # s: an assumed round trip of a DRAM load on an H100 under load (~500-800 ns)
