@@ -483,8 +483,8 @@ STEPS = [("step 2", dict(matvec="float", attention="single"), "dequant"),
 def bench_smollm2(bench: Bench, n_gpu, n_cpu, check_tokens) -> tuple:
     from course_lib.generation import generate_tokens
     from course_lib.gguf_tokenizer import load_smollm2
-from course_lib.quant_model import quantize_model
-from course_lib.fast_cpu import FastQuantModel
+    from course_lib.quant_model import quantize_model
+    from course_lib.fast_cpu import FastQuantModel
     backend, peak = bench.backend, bench.peak
     model, tok = load_smollm2(max_seq_len=512)
     prompt = tok.encode("The capital of France is")
