@@ -23,9 +23,7 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-# the GGUF reader (part 2, its own module); GGML_BLOCKS and the dequantizers are also imported from here
-from .gguf_format import (GGML_BLOCKS, GGUFFile, GGUFTensor, dequantize_gguf_tensor,  # noqa: F401
-                                    dequantize_q4_0, dequantize_q4_1, dequantize_q8_0, read_gguf)
+from .gguf_format import GGUFFile, GGUFTensor, dequantize_gguf_tensor, read_gguf   # part 2's reader
 from .model import ModelArgs, Transformer, args_from_hf_config, from_hf, guard_model_size, memory_bytes
 
 # %% ../notebooks/07_weights.ipynb #dd5ad101
