@@ -222,9 +222,12 @@ class Attention(nn.Module):
         bsz, seq, _ = x.shape                                              # x: (batch, seq, dim)
         xq, xk, xv = self._qkv(x, freqs_cis)
         keys, values = self._cache_for(x, start_pos).update(start_pos, xk, xv)  # (batch, kv_len, n_kv_heads, head_dim)
-        # each K/V head serves n_rep query heads: scaled_dot_product_gqa (without its input checks)
-        out = _grouped_attention(xq.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), mask)
+        out = self._attend(xq.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), mask)
         return self.wo(out.transpose(1, 2).reshape(bsz, seq, -1))         # (batch, seq, dim)
+
+    def _attend(self, q, k, v, mask):  # (batch, heads | kv_heads, seq | kv_len, head_dim) -> like q
+        "Each K/V head serves n_rep query heads: scaled_dot_product_gqa, without its input checks."
+        return _grouped_attention(q, k, v, mask)
 
 
 # %% ../notebooks/04_attention.ipynb #15d8154b

@@ -70,15 +70,14 @@ def _keep_names(module: nn.Module, fused: str, sizes: dict) -> None:
 
 # %% ../notebooks/07c_generation.ipynb #21550dd0
 class FusedAttention(Attention):
-    "Attention with wq, wk, wv as one (dim, q + k + v) product and weights stored (in, out); same state-dict names."
+    "Attention with wq, wk, wv as one (dim, q + k + v) product stored (in, out), and a fused attention kernel; same state-dict names."
     def __init__(self, attention: Attention):
         with torch.device("meta"):                  # the parent's fresh weights are all replaced below
             super().__init__(attention.wo.out_features, attention.n_heads, attention.n_kv_heads, attention.max_seq_len)
         del self.wq, self.wk, self.wv
         self.sizes = {"wq": attention.wq.out_features, "wk": attention.wk.out_features, "wv": attention.wv.out_features}
         self.wqkv = _fuse([attention.wq, attention.wk, attention.wv])   # weight (q + k + v, dim), stored (dim, q + k + v)
-        self.wo = attention.wo
-        self.wo.weight = _in_out(attention.wo.weight, attention.wo.weight.requires_grad)
+        self.wo = attention.wo                      # 576 outputs: as fast in the usual (out, in) layout
         self.cache = attention.cache
         _keep_names(self, "wqkv", self.sizes)
 
@@ -92,27 +91,31 @@ class FusedAttention(Attention):
         xv = qkv[..., n_qk * hd:].view(bsz, seq, self.n_kv_heads, hd)
         return xq, xk, xv
 
+    def _attend(self, q, k, v, mask):  # (batch, heads | kv_heads, seq | kv_len, head_dim) -> like q
+        "scaled_dot_product_gqa's arithmetic in PyTorch's fused kernel: one call instead of about ten."
+        if mask is not None and mask.dtype != q.dtype:
+            mask = mask.to(q.dtype)             # the kernel adds a float mask of q's dtype (-inf stays -inf)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)   # enable_gqa: no K/V copies
+
     def unfused(self) -> Attention:
         "The plain Attention again (chapter 04), with the same weights and cache."
         with torch.device("meta"):
             plain = Attention(self.wo.out_features, self.n_heads, self.n_kv_heads, self.max_seq_len)
         plain.wq, plain.wk, plain.wv = _split(self.wqkv, self.sizes)
         plain.wo = self.wo
-        plain.wo.weight = _out_in(self.wo.weight, self.wo.weight.requires_grad)
         plain.cache = self.cache
         return plain
 
 
 class FusedFeedForward(FeedForward):
-    "SwiGLU with w1, w3 as one (dim, 2·hidden_dim) product and weights stored (in, out); same state-dict names."
+    "SwiGLU with w1, w3 as one (dim, 2·hidden_dim) product stored (in, out); same state-dict names."
     def __init__(self, feed_forward: FeedForward):
         with torch.device("meta"):
             super().__init__(feed_forward.dim, feed_forward.hidden_dim)
         del self.w1, self.w3
         self.sizes = {"w1": feed_forward.hidden_dim, "w3": feed_forward.hidden_dim}
         self.w13 = _fuse([feed_forward.w1, feed_forward.w3])   # gate and up, side by side
-        self.w2 = feed_forward.w2
-        self.w2.weight = _in_out(feed_forward.w2.weight, feed_forward.w2.weight.requires_grad)
+        self.w2 = feed_forward.w2                   # few outputs, like wo: kept (out, in)
         _keep_names(self, "w13", self.sizes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:   # (..., dim) -> (..., dim)
@@ -127,7 +130,6 @@ class FusedFeedForward(FeedForward):
             plain = FeedForward(self.dim, self.hidden_dim)
         plain.w1, plain.w3 = _split(self.w13, self.sizes)
         plain.w2 = self.w2
-        plain.w2.weight = _out_in(self.w2.weight, self.w2.weight.requires_grad)
         return plain
 
 

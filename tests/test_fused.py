@@ -35,8 +35,8 @@ def test_fuse_model_keeps_logits_names_values_and_tie(tie):
         attn, ff = model.layers[0].attention, model.layers[1].feed_forward
         assert isinstance(attn, FusedAttention) and isinstance(ff, FusedFeedForward)
         assert not hasattr(attn, "wq") and attn.wqkv.weight.shape == (64 + 32 + 32, 64)
-        assert attn.wqkv.weight.t().is_contiguous() and attn.wo.weight.t().is_contiguous()   # stored (in, out)
-        assert ff.w13.weight.shape == (2 * 96, 64) and ff.w2.weight.t().is_contiguous()
+        assert attn.wqkv.weight.t().is_contiguous() and attn.wo.weight.is_contiguous()   # (in, out); wo as it was
+        assert ff.w13.weight.shape == (2 * 96, 64) and ff.w13.weight.t().is_contiguous() and ff.w2.weight.is_contiguous()
         assert model.output.weight.stride() == (1, 300)
         assert (model.output.weight is model.tok_embeddings.weight) == tie
         now = model.state_dict()
