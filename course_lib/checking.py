@@ -9,7 +9,7 @@ from typing import Callable, Optional
 import torch
 
 # %% auto #0
-__all__ = ['STUB_HINT', 'compare', 'Case', 'CheckResult', 'run_cases']
+__all__ = ['STUB_HINT', 'compare', 'Case', 'CheckResult', 'run_cases', 'NoShortcuts']
 
 # %% ../notebooks/00_start_here.ipynb #bb297634
 def _fmt_index(flat_idx: int, shape: torch.Size) -> str:
@@ -88,14 +88,21 @@ class CheckResult:
 STUB_HINT = "the stub is not filled in yet: replace `raise NotImplementedError` with your code"
 
 
-def run_cases(name: str, candidate: Callable, cases: list, stop_after_first_failure: bool = False) -> CheckResult:
-    "Run every case against `candidate`, turning exceptions into failures; a stub (NotImplementedError on the first case) gets one line."
+def run_cases(name: str, candidate: Callable, cases: list, stop_after_first_failure: bool = False,
+              forbidden=()) -> CheckResult:
+    "Run every case against `candidate`, turning exceptions into failures; a stub (NotImplementedError on the first case) gets one line. `forbidden`: what the candidate may not call (NoShortcuts)."
     if not callable(candidate):
         raise TypeError(f"candidate should be a function or class, got {type(candidate).__name__}")
     result = CheckResult(name, len(cases))
+    guard = NoShortcuts(name, candidate, forbidden)
+    if guard.shortcut(candidate) is not None:
+        result.failures.append(("the candidate itself", guard.shortcut(candidate),
+                                "write it yourself, from the operations the exercise allows"))
+        return result
     for i, case in enumerate(cases):
         try:
-            problem = case.run(candidate)
+            with guard:
+                problem = case.run(candidate)
         except NotImplementedError:
             if i == 0:  # still the stub: one line, not one per case
                 n = len(cases) - 1
@@ -106,6 +113,9 @@ def run_cases(name: str, candidate: Callable, cases: list, stop_after_first_fail
             problem = "raised NotImplementedError"
         except Exception as e:  # the candidate's bug, reported rather than raised
             problem = f"raised {type(e).__name__}: {e}"
+        if guard.violations:    # even if the candidate caught the refusal and carried on
+            problem = guard.violations[0]
+            guard.violations.clear()
         if problem is not None:
             result.failures.append((case.description, problem, case.hint))
             if stop_after_first_failure and len(cases) > 1:  # later cases build on this one
@@ -113,3 +123,80 @@ def run_cases(name: str, candidate: Callable, cases: list, stop_after_first_fail
                                        f"{case.hint} (the other cases run once this one passes)".strip())
                 return result
     return result
+
+# %% ../notebooks/00_start_here.ipynb #9ec2f7d7
+import sys
+
+
+def _functions_of(obj) -> list:
+    "The Python functions a candidate runs: a function, a method, a partial, a callable object, a class's methods."
+    if isinstance(obj, type):                      # its own methods and inherited ones, except torch's and object's
+        return [f for klass in obj.__mro__ if klass is not object and klass.__module__.split(".")[0] != "torch"
+                for f in vars(klass).values() if hasattr(f, "__code__")]
+    obj = getattr(obj, "func", obj)                # functools.partial
+    obj = getattr(obj, "__func__", obj)            # a bound method
+    if hasattr(obj, "__code__"):
+        return [obj]
+    call = getattr(type(obj), "__call__", None)    # an object with __call__
+    return [call] if hasattr(call, "__code__") else []
+
+
+def _name(obj) -> str:
+    "How a student would write it: torch.softmax, torch.nn.functional.rms_norm, course_lib.rmsnorm.RMSNorm."
+    import torch.nn.functional as F
+    for prefix, module in (("torch.nn.functional", F), ("torch", torch)):
+        if getattr(module, getattr(obj, "__name__", ""), None) is obj:
+            return f"{prefix}.{obj.__name__}"
+    return f"{getattr(obj, '__module__', None) or 'torch'}.{getattr(obj, '__qualname__', getattr(obj, '__name__', '?'))}"
+
+
+class NoShortcuts:
+    """While a checker runs a candidate, the `forbidden` implementations refuse to run for it.
+
+    `forbidden`: functions, classes (their methods) and C functions such as `torch.rms_norm`: course_lib's own
+    answer and the PyTorch built-ins that would solve the exercise outright. One of them called while the
+    candidate's own code is on the call stack raises RuntimeError; the checker can still call its reference.
+    `violations` keeps every refusal, so a candidate that catches the error fails all the same."""
+    def __init__(self, exercise: str, candidate, forbidden=()):
+        self.exercise, self.violations, self.forbidden = exercise, [], list(forbidden)
+        self._codes, self._builtins = {}, {}                 # code -> name; id(C function) -> (it, name)
+        for item in forbidden:
+            functions = ([f for f in vars(item).values() if hasattr(f, "__code__")] if isinstance(item, type)
+                         else _functions_of(item))
+            for f in functions:
+                self._codes[f.__code__] = _name(item)
+            if not functions:
+                self._builtins[id(item)] = (item, _name(item))
+        self._candidate = {f.__code__ for f in _functions_of(candidate)}
+
+    def shortcut(self, candidate):
+        "Why `candidate` is refused before it runs (it is a forbidden answer, or derives from one), or None."
+        for item in self.forbidden:
+            if candidate is item or getattr(candidate, "func", None) is item:       # functools.partial too
+                return f"{self.exercise} wants your own code: the candidate is {_name(item)} itself"
+            if isinstance(item, type) and item in getattr(candidate, "__mro__", ()):
+                return f"{self.exercise} wants your own code: the candidate derives from {_name(item)}"
+        return None
+
+    def _refuse(self, name: str, frame) -> None:
+        while frame is not None:                             # refuse only on behalf of the candidate
+            if frame.f_code in self._candidate:
+                message = (f"{self.exercise} wants your own code: yours called {name}, which is switched off "
+                           f"while the checker runs your code")
+                self.violations.append(message)
+                raise RuntimeError(message)
+            frame = frame.f_back
+
+    def _watch(self, frame, event, arg):
+        if event == "call" and frame.f_code in self._codes:
+            self._refuse(self._codes[frame.f_code], frame)
+        elif event == "c_call" and id(arg) in self._builtins and self._builtins[id(arg)][0] is arg:
+            self._refuse(self._builtins[id(arg)][1], frame)
+
+    def __enter__(self):
+        self._previous = sys.getprofile()
+        sys.setprofile(self._watch)                          # sees every Python and C call of this thread
+        return self
+
+    def __exit__(self, *exc):
+        sys.setprofile(self._previous)                       # also after a refusal (which unsets the profiler)

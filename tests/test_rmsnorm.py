@@ -11,6 +11,7 @@ import course_lib.rmsnorm as rmsnorm_module
 from course_lib.checks.rmsnorm import check_RMSNorm, check_rms_norm, check_rms_norm_backward
 from course_lib.rmsnorm import RMSNorm, rms_norm
 from course_lib.validation import trusted_inputs
+from shortcuts import refused, source_copy
 
 LOW = (torch.bfloat16, torch.float16)
 
@@ -216,12 +217,50 @@ def test_checks_never_read_tensor_values():
 
 
 # ---------------------------------------------------------------- checkers: accept right answers
-def test_checkers_pass_course_and_independent_implementations():
-    assert check_RMSNorm(RMSNorm)
-    assert check_rms_norm(rms_norm)
-    assert check_RMSNorm(nn.RMSNorm)                   # PyTorch's own layer has the same constructor
-    assert check_RMSNorm(_llama_rmsnorm())
-    assert check_rms_norm(lambda x, w, eps: F.rms_norm(x.float(), x.shape[-1:], eps=eps).type_as(x) * w)
+def test_checkers_pass_copies_of_the_reference_and_independent_implementations():
+    import course_lib.rmsnorm as module
+    _, own_rms_norm, own_layer = source_copy(module, "_rms_norm", "rms_norm", "RMSNorm")
+    assert check_rms_norm(own_rms_norm) and check_RMSNorm(own_layer)
+    assert check_RMSNorm(_llama_rmsnorm())             # Hugging Face's layer, written out
+
+
+def test_checkers_refuse_the_library_and_pytorch_answers():
+    "Issue 16: nn.RMSNorm passed check.RMSNorm and F.rms_norm passed check.rms_norm."
+    assert refused(check_rms_norm(rms_norm), "course_lib.rmsnorm.rms_norm")
+    assert refused(check_RMSNorm(RMSNorm), "course_lib.rmsnorm.RMSNorm")
+    assert refused(check_rms_norm(lambda x, w, eps: F.rms_norm(x.float(), x.shape[-1:], eps=eps).type_as(x) * w),
+                   "torch.nn.functional.rms_norm")
+    assert refused(check_rms_norm(lambda x, w, eps: torch.rms_norm(x, x.shape[-1:], w, eps)), "torch.rms_norm")
+    assert refused(check_RMSNorm(nn.RMSNorm), "is torch.nn.modules.normalization.RMSNorm itself")
+
+    class Wrapped(nn.Module):                          # hides PyTorch's layer inside its own
+        def __init__(self, dim, eps=1e-6):
+            super().__init__()
+            self.inner = nn.RMSNorm(dim, eps=eps)
+            self.weight = self.inner.weight
+
+        def forward(self, x):
+            return self.inner(x)
+    assert refused(check_RMSNorm(Wrapped), "torch.nn.modules.normalization.RMSNorm")
+
+    class Derived(RMSNorm):                            # inherits the answer
+        pass
+    assert refused(check_RMSNorm(Derived), "derives from course_lib.rmsnorm.RMSNorm")
+
+    def caught(x, w, eps):                             # catching the refusal does not help
+        try:
+            return rms_norm(x, w, eps)
+        except RuntimeError:
+            return rms_norm(x, w, eps)
+    assert refused(check_rms_norm(caught), "course_lib.rmsnorm.rms_norm")
+
+
+def test_backward_checker_refuses_autograd():
+    def by_autograd(x, weight, grad_out, eps=1e-6):
+        x, weight = x.clone().requires_grad_(), weight.clone().requires_grad_()
+        y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+        return torch.autograd.grad(y, (x, weight), grad_out)
+    assert refused(check_rms_norm_backward(by_autograd), "torch.autograd.grad")
 
 
 def manual_backward(x, weight, grad_out, eps=1e-6):

@@ -5,11 +5,15 @@ the chapter's checkers, in their own module). nbdev *appends* such cells to the 
 exporting twice would write them twice. This processor starts each such target afresh, as an empty
 generated module, before nbdev appends the notebook's cells: exporting is idempotent again.
 It lives outside course_lib on purpose: importing course_lib while its modules are half re-exported could fail.
+
+The same processor drops nbgrader's solution markers (`### BEGIN SOLUTION`, `### END SOLUTION`), which
+mark in the notebooks what the lab edition clears (tools/make_lab.py): they are not part of the library.
 """
 import os
 from pathlib import Path
 
 _EXPORTS = ("export", "exports", "exporti")
+SOLUTION_MARKERS = ("### BEGIN SOLUTION", "### END SOLUTION")
 
 
 def _targets(nb) -> list[str]:
@@ -40,4 +44,7 @@ class FreshExportTargets:
                             f"# %% auto #0\n__all__ = []\n", encoding="utf-8")
 
     def __call__(self, cell):
-        return None
+        "Drop the solution markers' lines from an exported cell (nbdev reads the source after all processors)."
+        if cell.cell_type == "code" and "### BEGIN SOLUTION" in cell.source:
+            cell.source = "\n".join(line for line in cell.source.split("\n")
+                                    if line.strip() not in SOLUTION_MARKERS)

@@ -7,10 +7,15 @@ __all__ = ['check_rms_norm', 'check_RMSNorm', 'check_rms_norm_backward']
 
 # %% ../../notebooks/02_rmsnorm.ipynb #4caa8daa
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..checking import Case, CheckResult, compare, run_cases
-from ..rmsnorm import RMSNorm, rms_norm
+from ..rmsnorm import RMSNorm, _rms_norm, rms_norm
+
+# switched off while a candidate runs (chapter 00's NoShortcuts): the library's answer, and PyTorch's
+_NORMS = [rms_norm, _rms_norm, RMSNorm, nn.RMSNorm, F.rms_norm, torch.rms_norm]
+_AUTOGRAD = [torch.autograd.grad, torch.autograd.backward, torch.Tensor.backward]
 
 # %% ../../notebooks/02_rmsnorm.ipynb #d89ebed4
 _TOL = {  # (atol, rtol) per dtype: loose enough for a different but correct order of operations
@@ -156,7 +161,7 @@ def check_rms_norm(candidate) -> CheckResult:
     def adapter(f, x, weight, eps):
         return f(x, weight, eps), weight
     cases = _forward_cases(adapter, rms_norm, "rms_norm(x, weight, eps)")
-    return run_cases("rms_norm", candidate, cases)
+    return run_cases("rms_norm", candidate, cases, forbidden=_NORMS)
 
 # %% ../../notebooks/02_rmsnorm.ipynb #33737778
 def _weight_case(candidate) -> str | None:
@@ -185,7 +190,7 @@ def check_RMSNorm(candidate_cls) -> CheckResult:
     cases = [Case("RMSNorm(64): an nn.Module whose weight is an nn.Parameter of shape (64,), all ones",
                   _weight_case, "self.weight = nn.Parameter(torch.ones(dim))")]
     cases += _forward_cases(_module_adapter, RMSNorm, "layer(x)")
-    return run_cases("RMSNorm", candidate_cls, cases)
+    return run_cases("RMSNorm", candidate_cls, cases, forbidden=_NORMS)
 
 # %% ../../notebooks/02_rmsnorm.ipynb #45caf615
 def _backward_reference(x, weight, grad_out, eps):
@@ -258,4 +263,4 @@ def check_rms_norm_backward(candidate) -> CheckResult:
              "eps is part of r = 1/sqrt(mean(x²) + eps); keep it wherever r appears"),
         Case("all-zero float64 x (2, 16)", case(torch.zeros(2, 16, dtype=torch.float64), 1e-6),
              "at x = 0 the gradient is finite, r·(G⊙g): keep eps inside the square root"),
-    ])
+    ], forbidden=_NORMS + _AUTOGRAD)
