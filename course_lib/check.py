@@ -5,6 +5,7 @@ This file is an index, written by hand: the checkers live in `course_lib.checks.
 from the checkers section of each notebook), and tests/test_check_index.py fails when one is missing here.
 """
 from .checks.tokenizer import check_merge_pair as merge_pair, check_bpe_encode as bpe_encode                  # 01
+from .checks.tokenizer import check_decode_complete as decode_complete
 from .checks.rmsnorm import check_rms_norm as rms_norm, check_RMSNorm as RMSNorm                              # 02
 from .checks.rmsnorm import check_rms_norm_backward as rms_norm_backward
 from .checks.rope import check_precompute_freqs_cis as precompute_freqs_cis                                   # 03
