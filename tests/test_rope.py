@@ -463,6 +463,21 @@ def test_checkers_refuse_the_library_answers():
         return torch.complex(cos[:, :head_dim // 2], sin[:, :head_dim // 2])
     assert refused(check_precompute_freqs_cis(from_cos_sin), "course_lib.rope.precompute_cos_sin")
 
+    def from_frequencies(head_dim, end, theta=10000.0):  # the private helper that computes θ_j
+        angles = torch.outer(torch.arange(end).float(), rope_module._rope_frequencies(head_dim, end, theta))
+        return torch.polar(torch.ones_like(angles), angles)
+    assert refused(check_precompute_freqs_cis(from_frequencies), "course_lib.rope._rope_frequencies")
+
+    def with_rotate_half(xq, xk, freqs_cis):  # HF's helper on halves, with the pairs permuted around it
+        to_halves = lambda x: x.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
+        to_pairs = lambda x: x.unflatten(-1, (2, -1)).transpose(-1, -2).flatten(-2)
+        cos, sin = (torch.cat([t, t], -1)[None, :, None, :] for t in (freqs_cis.real, freqs_cis.imag))
+        def rot(x):
+            h = to_halves(x.float())
+            return to_pairs(h * cos + rope_module.rotate_half(h) * sin).type_as(x)
+        return rot(xq), rot(xk)
+    assert refused(check_apply_rotary_emb(with_rotate_half), "course_lib.rope.rotate_half")
+
     def unchecked(xq, xk, freqs_cis):  # the private helper that does apply_rotary_emb's work
         return rope_module._rotate_pairs(xq, freqs_cis), rope_module._rotate_pairs(xk, freqs_cis)
     assert refused(check_apply_rotary_emb(unchecked), "course_lib.rope._rotate_pairs")

@@ -15,7 +15,7 @@ from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers, trainer
 import course_lib.tokenizer as tokenizer_module
 from course_lib.checking import STUB_HINT
 from course_lib.checks.tokenizer import check_bpe_encode, check_decode_complete, check_merge_pair
-from course_lib.gguf_tokenizer import apply_merges_heap
+from course_lib.gguf_tokenizer import apply_merges_heap, bpe_word
 from course_lib.tokenizer import (BPE, LLAMA2_SPM_OPTIONS, Tokenizer, apply_merges, get_pair_counts, merge_pair,
                                   split_text, train_merges, train_sentencepiece)
 from course_lib.validation import trusted_inputs
@@ -456,6 +456,11 @@ def test_checkers_refuse_the_library_answers():
     # chapter 07b's heap encoder takes the same arguments as apply_merges
     assert refused(check_bpe_encode(lambda text, merges: apply_merges_heap(list(text.encode("utf-8")), merges)),
                    "course_lib.gguf_tokenizer.apply_merges_heap")
+
+    def via_gpt2_merger(text, merges):  # 07b's string-level merger, called along the way
+        bpe_word("ab", {})
+        return _encode_reference(text, merges)
+    assert refused(check_bpe_encode(via_gpt2_merger), "course_lib.gguf_tokenizer.bpe_word")
 
     def caught(text, merges):  # catching the refusal does not help
         try:
