@@ -5,10 +5,12 @@ This file is an index, written by hand: the checkers live in `course_lib.checks.
 from the checkers section of each notebook), and tests/test_check_index.py fails when one is missing here.
 """
 from .checks.tokenizer import check_merge_pair as merge_pair, check_bpe_encode as bpe_encode                  # 01
+from .checks.tokenizer import check_decode_complete as decode_complete
 from .checks.rmsnorm import check_rms_norm as rms_norm, check_RMSNorm as RMSNorm                              # 02
 from .checks.rmsnorm import check_rms_norm_backward as rms_norm_backward
 from .checks.rope import check_precompute_freqs_cis as precompute_freqs_cis                                   # 03
 from .checks.rope import check_apply_rotary_emb as apply_rotary_emb, check_permute_hf_to_meta as permute_hf_to_meta
+from .checks.rope import check_rope_shift as rope_shift
 from .checks.attention import check_causal_mask as causal_mask, check_repeat_kv as repeat_kv                  # 04
 from .checks.attention import check_scaled_dot_product as scaled_dot_product, check_KVCache as KVCache
 from .checks.feed_forward import check_llama_hidden_dim as llama_hidden_dim, check_FeedForward as FeedForward  # 05

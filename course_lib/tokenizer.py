@@ -22,7 +22,7 @@ def get_pair_counts(ids: list[int], counts: dict | None = None) -> dict[tuple[in
         counts[pair] = counts.get(pair, 0) + 1
     return counts
 
-
+# %% ../notebooks/01_tokenization.ipynb #ca7466be
 def merge_pair(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
     "A new list where every non-overlapping occurrence of `pair` in `ids`, left to right, is `new_id`."
     if len(pair) != 2:
@@ -80,7 +80,7 @@ def train_merges(chunk_counts: dict[bytes, int], n_merges: int) -> dict[tuple[in
                 where[p].add(idx)
     return merges
 
-
+# %% ../notebooks/01_tokenization.ipynb #c1cc25a5
 def apply_merges(ids: list[int], merges: dict[tuple[int, int], int]) -> list[int]:
     "Encode one chunk: merge the present pair of lowest rank (earliest learned) until none is left."
     while len(ids) >= 2:

@@ -1,15 +1,21 @@
 """RoPE (course_lib.rope) against independent references: Hugging Face's Llama rotary code, the
 permutation of transformers' convert_llama_weights_to_hf.py, and the rotation written out by hand."""
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import course_lib.rope as rope_module
-from course_lib.checks.rope import check_apply_rotary_emb, check_permute_hf_to_meta, check_precompute_freqs_cis
+from course_lib.checks.rope import (check_apply_rotary_emb, check_permute_hf_to_meta, check_precompute_freqs_cis,
+                                   check_rope_shift)
 from course_lib.rope import (apply_rotary_emb, apply_rotary_emb_hf, permute_hf_to_meta, permute_meta_to_hf,
                              precompute_cos_sin, precompute_freqs_cis, rotate_half)
 from course_lib.validation import trusted_inputs
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from shortcuts import refused, source_copy  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig
@@ -322,9 +328,16 @@ def test_permute_bad_input():
 
 
 # ---------------------------------------------------------------- exercise checkers
+# The checkers switch the library's RoPE off while a candidate runs, so the right and wrong versions below
+# build on retyped copies of it (source_copy), as a student's would; the private helpers are copied first.
+_, own_freqs_cis = source_copy(rope_module, "_rope_frequencies", "precompute_freqs_cis")
+_, own_apply = source_copy(rope_module, "_rotate_pairs", "apply_rotary_emb")
+_, own_apply_hf = source_copy(rope_module, "rotate_half", "apply_rotary_emb_hf")
+own_hf_to_meta, own_meta_to_hf = source_copy(rope_module, "permute_hf_to_meta", "permute_meta_to_hf")
+
 
 def test_check_precompute_freqs_cis():
-    assert check_precompute_freqs_cis(precompute_freqs_cis)
+    assert check_precompute_freqs_cis(own_freqs_cis)
 
     def float64_version(head_dim, end, theta=10000.0):  # a correct solution written differently
         j = torch.arange(head_dim // 2, dtype=torch.float64)
@@ -339,12 +352,12 @@ def test_check_precompute_freqs_cis():
     assert not r and "one per *pair*" in str(r)
 
     def angles_only(head_dim, end, theta=10000.0):  # forgot torch.polar
-        return torch.angle(precompute_freqs_cis(head_dim, end, theta))
+        return torch.angle(own_freqs_cis(head_dim, end, theta))
     r = check_precompute_freqs_cis(angles_only)
     assert not r and "dtype torch.float32, expected torch.complex64" in str(r) and "torch.polar" in str(r)
 
     def fixed_theta(head_dim, end, theta=10000.0):  # ignores theta
-        return precompute_freqs_cis(head_dim, end, 10000.0)
+        return own_freqs_cis(head_dim, end, 10000.0)
     r = check_precompute_freqs_cis(fixed_theta)
     assert not r and r.failures[0][0].startswith("SmolLM2") and "ignores the theta argument" in str(r)
 
@@ -354,21 +367,21 @@ def test_check_precompute_freqs_cis():
     assert "frequencies grow with j" in str(check_precompute_freqs_cis(positive_exponent))
 
     def wrong_sign(head_dim, end, theta=10000.0):  # e^(-i·m·θ): same real part, imaginary part negated
-        return precompute_freqs_cis(head_dim, end, theta).conj().resolve_conj()
+        return own_freqs_cis(head_dim, end, theta).conj().resolve_conj()
     r = check_precompute_freqs_cis(wrong_sign)
     assert not r and "viewed as (real, imag)" in str(r) and "wrong sign" in str(r)
 
     def from_position_one(head_dim, end, theta=10000.0):
-        return precompute_freqs_cis(head_dim, end + 1, theta)[1:]
+        return own_freqs_cis(head_dim, end + 1, theta)[1:]
     assert "positions start at 1" in str(check_precompute_freqs_cis(from_position_one))
 
     def transposed(head_dim, end, theta=10000.0):
-        return precompute_freqs_cis(head_dim, end, theta).T
+        return own_freqs_cis(head_dim, end, theta).T
     assert "transposed" in str(check_precompute_freqs_cis(transposed))
 
 
 def test_check_apply_rotary_emb():
-    assert check_apply_rotary_emb(apply_rotary_emb)
+    assert check_apply_rotary_emb(own_apply)
 
     def hf_style(xq, xk, freqs_cis):  # a correct solution in another style: HF math on Meta's pairs
         cos, sin = freqs_cis.real[None, :, None, :], freqs_cis.imag[None, :, None, :]
@@ -381,47 +394,47 @@ def test_check_apply_rotary_emb():
     def halves(xq, xk, freqs_cis):  # HF's pairing on Meta's layout
         cos = torch.cat([freqs_cis.real] * 2, -1)
         sin = torch.cat([freqs_cis.imag] * 2, -1)
-        return apply_rotary_emb_hf(xq, xk, cos, sin)
+        return own_apply_hf(xq, xk, cos, sin)
     r = check_apply_rotary_emb(halves)
     assert not r and "rotates the halves" in str(r)
 
     def conjugate(xq, xk, freqs_cis):  # rotates the wrong way
-        return apply_rotary_emb(xq, xk, freqs_cis.conj())
+        return own_apply(xq, xk, freqs_cis.conj())
     r = check_apply_rotary_emb(conjugate)
     assert not r and "rotates the wrong way" in str(r)
 
     def swapped_pair_order(xq, xk, freqs_cis):  # z = x_2j+1 + i·x_2j: also the wrong direction
         flip = lambda x: x.reshape(*x.shape[:-1], -1, 2).flip(-1).flatten(-2)
-        q, k = apply_rotary_emb(flip(xq), flip(xk), freqs_cis)
+        q, k = own_apply(flip(xq), flip(xk), freqs_cis)
         return flip(q), flip(k)
     assert "rotates the wrong way" in str(check_apply_rotary_emb(swapped_pair_order))
 
     def q_only(xq, xk, freqs_cis):  # forgot k
-        return apply_rotary_emb(xq, xk, freqs_cis)[0], xk
+        return own_apply(xq, xk, freqs_cis)[0], xk
     r = check_apply_rotary_emb(q_only)
     assert not r and "xk_out differs" in str(r) and "unrotated" in str(r)
 
     def no_cast_back(xq, xk, freqs_cis):  # float32 result for bfloat16 input
-        q, k = apply_rotary_emb(xq.float(), xk.float(), freqs_cis)
+        q, k = own_apply(xq.float(), xk.float(), freqs_cis)
         return q, k
     r = check_apply_rotary_emb(no_cast_back)
     assert not r and len(r.failures) == 1 and "dtype torch.float32, expected torch.bfloat16" in str(r)
 
     def from_position_zero(xq, xk, freqs_cis):  # ignores the slice it was given
-        return apply_rotary_emb(xq, xk, precompute_freqs_cis(xq.shape[-1], xq.shape[1]))
+        return own_apply(xq, xk, own_freqs_cis(xq.shape[-1], xq.shape[1]))
     r = check_apply_rotary_emb(from_position_zero)
     assert not r and "start_pos=7" in str(r) and "start_pos=20" in str(r)
     assert all("start_pos" in problem for _, problem, _ in r.failures)
 
     def in_place(xq, xk, freqs_cis):
-        q, k = apply_rotary_emb(xq, xk, freqs_cis)
+        q, k = own_apply(xq, xk, freqs_cis)
         xq.zero_()
         return q, k
     assert "in place" in str(check_apply_rotary_emb(in_place))
 
 
 def test_check_permute_hf_to_meta():
-    assert check_permute_hf_to_meta(permute_hf_to_meta)
+    assert check_permute_hf_to_meta(own_hf_to_meta)
 
     def by_index(w, n_heads):  # a correct solution by fancy indexing
         d = w.shape[0] // n_heads
@@ -429,9 +442,121 @@ def test_check_permute_hf_to_meta():
         return w[idx]
     assert check_permute_hf_to_meta(by_index)
 
-    r = check_permute_hf_to_meta(permute_meta_to_hf)  # wrong direction
+    r = check_permute_hf_to_meta(own_meta_to_hf)  # wrong direction
     assert not r and "Meta → HF direction" in str(r)
 
-    r = check_permute_hf_to_meta(lambda w, n_heads: permute_hf_to_meta(w, 1))  # ignores heads
+    r = check_permute_hf_to_meta(lambda w, n_heads: own_hf_to_meta(w, 1))  # ignores heads
     assert not r and "within each" in str(r)
     assert check_permute_hf_to_meta(lambda w, n_heads: w.clone()).failures[0][1].endswith("unchanged")
+
+
+def test_checkers_refuse_the_library_answers():
+    "Issue 16: the library's RoPE passed its own checkers; its HF-layout variants and helpers are loopholes too."
+    assert refused(check_precompute_freqs_cis(precompute_freqs_cis), "is course_lib.rope.precompute_freqs_cis itself")
+    assert refused(check_apply_rotary_emb(apply_rotary_emb), "is course_lib.rope.apply_rotary_emb itself")
+    assert refused(check_permute_hf_to_meta(permute_hf_to_meta), "is course_lib.rope.permute_hf_to_meta itself")
+    assert refused(check_precompute_freqs_cis(lambda d, end, theta=10000.0: precompute_freqs_cis(d, end, theta)),
+                   "course_lib.rope.precompute_freqs_cis")
+
+    def from_cos_sin(head_dim, end, theta=10000.0):  # HF's tables hold the same angles, halves repeated
+        cos, sin = precompute_cos_sin(head_dim, end, theta)
+        return torch.complex(cos[:, :head_dim // 2], sin[:, :head_dim // 2])
+    assert refused(check_precompute_freqs_cis(from_cos_sin), "course_lib.rope.precompute_cos_sin")
+
+    def from_frequencies(head_dim, end, theta=10000.0):  # the private helper that computes θ_j
+        angles = torch.outer(torch.arange(end).float(), rope_module._rope_frequencies(head_dim, end, theta))
+        return torch.polar(torch.ones_like(angles), angles)
+    assert refused(check_precompute_freqs_cis(from_frequencies), "course_lib.rope._rope_frequencies")
+
+    def with_rotate_half(xq, xk, freqs_cis):  # HF's helper on halves, with the pairs permuted around it
+        to_halves = lambda x: x.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
+        to_pairs = lambda x: x.unflatten(-1, (2, -1)).transpose(-1, -2).flatten(-2)
+        cos, sin = (torch.cat([t, t], -1)[None, :, None, :] for t in (freqs_cis.real, freqs_cis.imag))
+        def rot(x):
+            h = to_halves(x.float())
+            return to_pairs(h * cos + rope_module.rotate_half(h) * sin).type_as(x)
+        return rot(xq), rot(xk)
+    assert refused(check_apply_rotary_emb(with_rotate_half), "course_lib.rope.rotate_half")
+
+    def unchecked(xq, xk, freqs_cis):  # the private helper that does apply_rotary_emb's work
+        return rope_module._rotate_pairs(xq, freqs_cis), rope_module._rotate_pairs(xk, freqs_cis)
+    assert refused(check_apply_rotary_emb(unchecked), "course_lib.rope._rotate_pairs")
+
+    def through_hf_layout(xq, xk, freqs_cis):  # permute the pairs into halves, rotate HF's way, permute back
+        to_halves = lambda x: x.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
+        to_pairs = lambda x: x.unflatten(-1, (2, -1)).transpose(-1, -2).flatten(-2)
+        cos, sin = (torch.cat([t, t], -1) for t in (freqs_cis.real, freqs_cis.imag))
+        q, k = apply_rotary_emb_hf(to_halves(xq), to_halves(xk), cos, sin)
+        return to_pairs(q), to_pairs(k)
+    assert refused(check_apply_rotary_emb(through_hf_layout), "course_lib.rope.apply_rotary_emb_hf")
+
+    def caught(xq, xk, freqs_cis):  # catching the refusal does not help
+        try:
+            return apply_rotary_emb(xq, xk, freqs_cis)
+        except RuntimeError:
+            return own_apply(xq, xk, freqs_cis)
+    assert refused(check_apply_rotary_emb(caught), "course_lib.rope.apply_rotary_emb")
+
+
+# ---------------------------------------------------------------- Exercise 4: rope_shift
+
+def shift_keys(xk, delta, theta=10000.0):
+    "A right answer: every pair j times e^(i·delta·θ_j), the angles in float64."
+    head_dim = xk.shape[-1]
+    freqs = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)   # (head_dim/2,) θ_j
+    turn = torch.polar(torch.ones_like(freqs), delta * freqs).to(torch.complex64)       # (head_dim/2,)
+    z = torch.view_as_complex(xk.float().reshape(*xk.shape[:-1], -1, 2))               # (..., head_dim/2)
+    return torch.view_as_real(z * turn).flatten(-2).type_as(xk)
+
+
+def test_check_rope_shift_passes_right_versions():
+    assert check_rope_shift(shift_keys)
+
+    def by_table(xk, delta, theta=10000.0):  # also right: one row of a table, through the student's own apply
+        table = own_freqs_cis(xk.shape[-1], abs(delta) + 1, theta)[abs(delta)]         # (head_dim/2,)
+        turn = table if delta >= 0 else table.conj()
+        return own_apply(xk, xk, turn.expand(xk.shape[1], -1))[1]
+    assert check_rope_shift(by_table)
+
+
+def test_check_rope_shift_catches_wrong_versions():
+    r = check_rope_shift(lambda xk, delta, theta=10000.0: shift_keys(xk, -delta, theta))
+    assert not r and "moves the keys by −delta" in str(r)
+    r = check_rope_shift(lambda xk, delta, theta=10000.0: xk.clone())
+    assert not r and "unchanged" in str(r) and len(r.failures) == 5          # delta=0 is right
+    r = check_rope_shift(lambda xk, delta, theta=10000.0: shift_keys(xk, delta))
+    assert not r and len(r.failures) == 1 and "ignores the theta argument" in str(r)
+
+    def turned(xk, angles):  # each pair j of row s times e^(i·angles[s, j])
+        z = torch.view_as_complex(xk.float().reshape(*xk.shape[:-1], -1, 2))          # (batch, seq, heads, head_dim/2)
+        return torch.view_as_real(z * torch.polar(torch.ones_like(angles), angles)[:, None]).flatten(-2).type_as(xk)
+
+    def freqs(xk, theta):
+        return theta ** (-torch.arange(0, xk.shape[-1], 2).float() / xk.shape[-1])     # (head_dim/2,)
+
+    def as_start_position(xk, delta, theta=10000.0):  # row s turned by (delta + s)·θ_j
+        return turned(xk, (torch.arange(xk.shape[1])[:, None] + delta) * freqs(xk, theta))
+    assert "as if delta were a start position" in str(check_rope_shift(as_start_position))
+
+    def halves(xk, delta, theta=10000.0):  # HF's pairing (x_j, x_{j+head_dim/2})
+        angle = (delta * freqs(xk, theta)).repeat(2)                                   # (head_dim,)
+        x1, x2 = xk.float().chunk(2, dim=-1)
+        return (xk.float() * angle.cos() + torch.cat([-x2, x1], -1) * angle.sin()).type_as(xk)
+    assert "Hugging Face's pairing" in str(check_rope_shift(halves))
+
+    r = check_rope_shift(lambda xk, delta, theta=10000.0: shift_keys(xk.float(), delta, theta))
+    assert not r and len(r.failures) == 1 and "dtype torch.float32, expected torch.bfloat16" in str(r)
+
+    def in_place(xk, delta, theta=10000.0):
+        out = shift_keys(xk, delta, theta)
+        xk.zero_()
+        return out
+    assert "in place" in str(check_rope_shift(in_place))
+
+
+def test_check_rope_shift_refuses_the_library():
+    def library(xk, delta, theta=10000.0):
+        table = precompute_freqs_cis(xk.shape[-1], abs(delta) + 1, theta)[abs(delta)]
+        turn = table if delta >= 0 else table.conj()
+        return apply_rotary_emb(xk, xk, turn.expand(xk.shape[1], -1))[1]
+    assert refused(check_rope_shift(library), "course_lib.rope.precompute_freqs_cis")

@@ -1,8 +1,10 @@
 """Tests for course_lib.tokenizer (chapter 01), against independent references: hand-computed
 cases, GPT-2's split pattern run by the `regex` module, Hugging Face `tokenizers` (BPE training and
 encoding) and `sentencepiece` itself."""
+import codecs
 import contextlib
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,11 +12,16 @@ import regex
 import sentencepiece as spm
 from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers, trainers
 
+import course_lib.tokenizer as tokenizer_module
 from course_lib.checking import STUB_HINT
-from course_lib.checks.tokenizer import check_bpe_encode, check_merge_pair
+from course_lib.checks.tokenizer import check_bpe_encode, check_decode_complete, check_merge_pair
+from course_lib.gguf_tokenizer import apply_merges_heap, bpe_word
 from course_lib.tokenizer import (BPE, LLAMA2_SPM_OPTIONS, Tokenizer, apply_merges, get_pair_counts, merge_pair,
                                   split_text, train_merges, train_sentencepiece)
 from course_lib.validation import trusted_inputs
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from shortcuts import refused, source_copy  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 CORPUS = DATA / "tinyshakespeare.txt"
@@ -297,6 +304,10 @@ def test_tokenizer_bad_input(sp_model, tmp_path, context):
 
 
 # ---------------------------------------------------------------- exercise checkers
+# the checkers switch the library's own merge_pair and apply_merges off while a candidate runs: the right
+# and wrong versions below build on retyped copies of them, as a student's would
+own_merge_pair, own_apply_merges = source_copy(tokenizer_module, "merge_pair", "apply_merges")
+
 
 def _merge_off_by_one(ids, pair, new_id):  # stops one early: drops an unmatched last id
     out, i = [], 0
@@ -331,11 +342,11 @@ def _merge_in_place(ids, pair, new_id):  # right answer, but destroys its input
 
 
 def _merge_tuple(ids, pair, new_id):
-    return tuple(merge_pair(ids, pair, new_id))
+    return tuple(own_merge_pair(ids, pair, new_id))
 
 
-def test_check_merge_pair_passes_reference():
-    result = check_merge_pair(merge_pair)
+def test_check_merge_pair_passes_a_copy_of_the_reference():
+    result = check_merge_pair(own_merge_pair)
     assert result and result.passed and "passed all" in str(result)
 
 
@@ -361,13 +372,13 @@ def test_check_merge_pair_not_implemented():
 
 
 def _encode_reference(text, merges):
-    return apply_merges(list(text.encode("utf-8")), merges)
+    return own_apply_merges(list(text.encode("utf-8")), merges)
 
 
 def _encode_sequential(text, merges):  # also right: replay the merges in order of their new ids
     ids = list(text.encode("utf-8"))
     for pair, new_id in sorted(merges.items(), key=lambda kv: kv[1]):
-        ids = merge_pair(ids, pair, new_id)
+        ids = merge_pair(ids, pair, new_id)  # the library's merge_pair: a building block encode may use
     return ids
 
 
@@ -394,7 +405,7 @@ def _encode_dict_order(text, merges):  # trusts the dict's insertion order
 def _encode_one_pass(text, merges):  # a single scan: misses merges that build on merges
     ids = list(text.encode("utf-8"))
     for pair, new_id in sorted(merges.items(), key=lambda kv: kv[1]):
-        ids = merge_pair(ids, pair, new_id)
+        ids = own_merge_pair(ids, pair, new_id)
         break
     return ids
 
@@ -402,7 +413,7 @@ def _encode_one_pass(text, merges):  # a single scan: misses merges that build o
 def _encode_sequential_from(ids, merges, sort=True):
     items = sorted(merges.items(), key=lambda kv: kv[1]) if sort else merges.items()
     for pair, new_id in items:
-        ids = merge_pair(ids, pair, new_id)
+        ids = own_merge_pair(ids, pair, new_id)
     return ids
 
 
@@ -429,3 +440,107 @@ def test_checkers_reject_non_callables():
         check_merge_pair("not a function")
     with pytest.raises(TypeError):
         check_bpe_encode(None)
+
+
+def test_checkers_refuse_the_library_answers():
+    "Issue 16: the library's merge_pair and apply_merges passed their own checkers."
+    assert refused(check_merge_pair(merge_pair), "the candidate is course_lib.tokenizer.merge_pair itself")
+    assert refused(check_merge_pair(lambda ids, pair, new_id: merge_pair(ids, pair, new_id)),
+                   "course_lib.tokenizer.merge_pair")
+    # an encoder given the single merge {pair: new_id} merges that pair: a loophole for merge_pair
+    assert refused(check_merge_pair(lambda ids, pair, new_id: apply_merges(list(ids), {pair: new_id})),
+                   "course_lib.tokenizer.apply_merges")
+    assert refused(check_bpe_encode(lambda text, merges: apply_merges(list(text.encode("utf-8")), merges)),
+                   "course_lib.tokenizer.apply_merges")
+    assert refused(check_bpe_encode(lambda text, merges: BPE(merges).encode(text)), "course_lib.tokenizer.BPE")
+    # chapter 07b's heap encoder takes the same arguments as apply_merges
+    assert refused(check_bpe_encode(lambda text, merges: apply_merges_heap(list(text.encode("utf-8")), merges)),
+                   "course_lib.gguf_tokenizer.apply_merges_heap")
+
+    def via_gpt2_merger(text, merges):  # 07b's string-level merger, called along the way
+        bpe_word("ab", {})
+        return _encode_reference(text, merges)
+    assert refused(check_bpe_encode(via_gpt2_merger), "course_lib.gguf_tokenizer.bpe_word")
+
+    def caught(text, merges):  # catching the refusal does not help
+        try:
+            return apply_merges(list(text.encode("utf-8")), merges)
+        except RuntimeError:
+            return _encode_reference(text, merges)
+    assert refused(check_bpe_encode(caught), "course_lib.tokenizer.apply_merges")
+
+
+# ---------------------------------------------------------------- Exercise 3: decode_complete
+
+def _decode_by_lead_byte(data):  # right: find the last lead byte and compare its length with what is there
+    for back in range(1, min(3, len(data)) + 1):
+        b = data[-back]
+        if b & 0xC0 != 0x80:  # not a continuation byte 10xxxxxx: the last character starts here
+            need = 2 if b >> 5 == 0b110 else 3 if b >> 4 == 0b1110 else 4 if b >> 3 == 0b11110 else 1
+            cut = len(data) - back if need > back else len(data)
+            return data[:cut].decode("utf-8"), data[cut:]
+    return data.decode("utf-8"), b""
+
+
+def _decode_by_trying(data):  # also right: the longest prefix that decodes, at most 3 bytes short
+    for cut in range(len(data), max(len(data) - 4, -1), -1):
+        try:
+            return data[:cut].decode("utf-8"), data[cut:]
+        except UnicodeDecodeError:
+            continue
+    raise ValueError("not a prefix of UTF-8")
+
+
+def _decode_replace(data):  # decodes the unfinished character as well
+    return data.decode("utf-8", errors="replace"), b""
+
+
+def _decode_holds_non_ascii(data):  # holds back any non-ASCII tail, complete or not
+    cut = len(data)
+    while cut and data[cut - 1] >= 0x80:
+        cut -= 1
+    return data[:cut].decode("utf-8"), data[cut:]
+
+
+def _decode_last_byte_only(data):  # looks at the last byte only: misses a 3- or 4-byte character cut later
+    if data and data[-1] >= 0xC0:
+        return data[:-1].decode("utf-8"), data[-1:]
+    return data.decode("utf-8", errors="replace"), b""
+
+
+def _decode_list(data):
+    return list(_decode_by_lead_byte(data))
+
+
+@pytest.mark.parametrize("right", [_decode_by_lead_byte, _decode_by_trying])
+def test_check_decode_complete_passes_right_versions(right):
+    result = check_decode_complete(right)
+    assert result, str(result)
+
+
+@pytest.mark.parametrize("wrong, message", [
+    (_decode_replace, "hold its bytes back instead"),
+    (_decode_holds_non_ascii, "complete 2-, 3- and 4-byte characters"),
+    (_decode_last_byte_only, "cut after 1 and after 2 of its 3 bytes"),
+    (_decode_list, "should return a pair (text, rest), got list"),
+])
+def test_check_decode_complete_catches_wrong_versions(wrong, message):
+    result = check_decode_complete(wrong)
+    assert not result and message in str(result), str(result)
+
+
+def test_check_decode_complete_refuses_the_incremental_decoders():
+    def incremental(data):
+        text = codecs.getincrementaldecoder("utf-8")().decode(data)
+        return text, data[len(text.encode("utf-8")):]
+    assert refused(check_decode_complete(incremental), "codecs.getincrementaldecoder")
+
+    def low_level(data):  # final=False holds the unfinished character back
+        text, used = codecs.utf_8_decode(data, "strict", False)
+        return text, data[used:]
+    assert refused(check_decode_complete(low_level), "utf_8_decode")
+
+    def by_lookup(data):  # the decoder class itself, found through the codec registry
+        text = codecs.lookup("utf-8").incrementaldecoder().decode(data)
+        return text, data[len(text.encode("utf-8")):]
+    assert refused(check_decode_complete(by_lookup), "BufferedIncrementalDecoder")
