@@ -12,7 +12,7 @@ from .checks.rope import check_apply_rotary_emb as apply_rotary_emb, check_permu
 from .checks.attention import check_causal_mask as causal_mask, check_repeat_kv as repeat_kv                  # 04
 from .checks.attention import check_scaled_dot_product as scaled_dot_product, check_KVCache as KVCache
 from .checks.attention import check_scaled_dot_product_gqa as scaled_dot_product_gqa
-from .checks.attention import check_sliding_window_mask as sliding_window_mask
+from .checks.attention import check_merge_attention as merge_attention
 from .checks.feed_forward import check_llama_hidden_dim as llama_hidden_dim, check_FeedForward as FeedForward  # 05
 from .checks.feed_forward import check_swiglu_backward as swiglu_backward
 from .checks.model import check_TransformerBlock as TransformerBlock, check_count_parameters as count_parameters  # 06

@@ -12,7 +12,7 @@ from course_lib.attention import (Attention, KVCache, _grouped_attention, causal
                                   scaled_dot_product, scaled_dot_product_gqa)
 from course_lib.fused import FusedAttention
 from course_lib.checks.attention import (check_causal_mask, check_KVCache, check_repeat_kv, check_scaled_dot_product,
-                                         check_scaled_dot_product_gqa, check_sliding_window_mask)
+                                         check_merge_attention, check_scaled_dot_product_gqa)
 from course_lib.rope import permute_meta_to_hf, precompute_freqs_cis
 from shortcuts import refused, source_copy
 
@@ -654,52 +654,61 @@ def test_check_KVCache_names_a_buffer_of_the_wrong_size():
         in str(result)
 
 
-# ---------------------------------------------------------------- check_sliding_window_mask (exercise 5)
+# ---------------------------------------------------------------- check_merge_attention (exercise 5)
 
-def sliding_window_mask(seq_len, start_pos, window):
-    "The answer to exercise 5: causal_mask's band, cut `window` keys back."
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise ValueError(f"window must be an int >= 1, got {window!r}")
-    mask = torch.full((seq_len, start_pos + seq_len), float("-inf"))
-    # query i (position start_pos + i) sees keys start_pos + i - window + 1 .. start_pos + i
-    return torch.triu(mask, diagonal=start_pos + 1) + torch.tril(mask, diagonal=start_pos - window)
+def merge_attention(out_a, lse_a, out_b, lse_b):
+    "The answer to exercise 5: each block's output weighed by its share of the softmax's mass."
+    lse = torch.logaddexp(lse_a, lse_b)[..., None]     # (batch, n_heads, seq, 1) log of the total mass
+    return (lse_a[..., None] - lse).exp() * out_a + (lse_b[..., None] - lse).exp() * out_b
 
 
-def test_check_sliding_window_mask_passes_the_answer():
-    assert check_sliding_window_mask(sliding_window_mask)
-    # with a window as long as the text it is the causal mask
-    assert torch.equal(sliding_window_mask(4, 3, 7), causal_mask(4, 3))
+def test_check_merge_attention_passes_the_answer():
+    assert check_merge_attention(merge_attention)
 
 
-def test_check_sliding_window_mask_refuses_its_reference():
-    from course_lib.checks.attention import _window_reference
-    assert refused(check_sliding_window_mask(lambda s, p, w: _window_reference(s, p, w)), "_window_reference")
+def test_merge_attention_answer_equals_attention_over_all_keys():
+    "Independent of the checker: split PyTorch's attention by hand and merge it back."
+    q, k, v = randn(1, 2, 3, 8, seed=1), randn(1, 2, 7, 8, seed=2), randn(1, 2, 7, 8, seed=3)
+    parts = []
+    for part in (slice(None, 4), slice(4, None)):
+        scores = q @ k[:, :, part].transpose(-2, -1) / 8 ** 0.5
+        parts += [F.scaled_dot_product_attention(q, k[:, :, part], v[:, :, part]), scores.logsumexp(-1)]
+    torch.testing.assert_close(merge_attention(*parts), F.scaled_dot_product_attention(q, k, v))
 
 
-def _no_zero_check(s, p, w):
-    return torch.triu(torch.full((s, p + s), float("-inf")), diagonal=p + 1) + \
-        torch.tril(torch.full((s, p + s), float("-inf")), diagonal=p - w)
+def _naive_merge(out_a, lse_a, out_b, lse_b):  # exp(lse) overflows for large scores
+    wa, wb = lse_a.double().exp()[..., None], lse_b.double().exp()[..., None]
+    return ((wa * out_a + wb * out_b) / (wa + wb)).float()
+
+
+def _nan_for_empty_blocks(out_a, lse_a, out_b, lse_b):  # block a's share as r / (1 + r), r = exp(lse_a - lse_b)
+    r = (lse_a - lse_b).exp()[..., None]                # inf when block b is empty: inf / inf = NaN
+    return (r * out_a + out_b) / (1 + r)
 
 
 @pytest.mark.parametrize("wrong,message", [
-    # only causal: the window is ignored
-    (lambda s, p, w: sliding_window_mask(s, p, 10 ** 6),
-     r"may see key 0, which is 3 back, outside its window of 3"),
-    # off by one: window + 1 keys visible
-    (lambda s, p, w: sliding_window_mask(s, p, w + 1),
-     r"outside its window of 3"),
-    # off by one the other way: window - 1 keys visible
-    (lambda s, p, w: sliding_window_mask(s, p, max(w - 1, 1)),
-     r"query 2 \(absolute position 2\) is blocked from key 0, which comes before it"),
-    # ignores start_pos
-    (lambda s, p, w: sliding_window_mask(s, 0, w), "leaves out the start_pos cached keys"),
-    # no check of the window
-    (_no_zero_check, "returned a mask for window=0"),
+    (lambda oa, la, ob, lb: (oa + ob) / 2, "averages the two outputs"),
+    (lambda oa, la, ob, lb: merge_attention(oa, lb, ob, la), "gives each block the other's weight"),
+    (_naive_merge, r"large scores.*has NaN"),
+    (lambda oa, la, ob, lb: torch.cat([oa, ob], -1), r"merged output has shape \(2, 3, 4, 32\), expected \(2, 3, 4, 16\)"),
 ])
-def test_check_sliding_window_mask_catches_mistakes(wrong, message):
-    result = check_sliding_window_mask(wrong)
+def test_check_merge_attention_catches_mistakes(wrong, message):
+    result = check_merge_attention(wrong)
     assert not result
-    assert any(re.search(message, problem) for _, problem, _ in result.failures), str(result)
+    assert any(re.search(message, f"{d}: {p}") for d, p, _ in result.failures), str(result)
+
+
+def test_check_merge_attention_catches_nan_for_a_block_that_sees_no_key():
+    result = check_merge_attention(_nan_for_empty_blocks)
+    assert not result and "query 0 sees no key of block b: merged output has NaN" in str(result), str(result)
+
+
+def test_check_merge_attention_refuses_the_attention_shortcuts():
+    "A candidate cannot recompute the attention (it gets no q, k, v), but the library's answers stay switched off."
+    def via_library(out_a, lse_a, out_b, lse_b):
+        scaled_dot_product(out_a, out_a, out_a)
+        return merge_attention(out_a, lse_a, out_b, lse_b)
+    assert refused(check_merge_attention(via_library), "course_lib.attention.scaled_dot_product")
 
 
 def test_check_KVCache_stub_gives_one_line():
