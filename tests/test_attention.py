@@ -414,6 +414,8 @@ def _via_module(q, k, v, mask=None):
      "torch.nn.functional.scaled_dot_product_attention"),
     (_via_multi_head_attention_forward, "torch.nn.functional.multi_head_attention_forward"),
     (_via_module, "torch.nn.modules.activation.MultiheadAttention"),
+    (lambda q, k, v, mask=None: torch._scaled_dot_product_attention_math(q, k, v, attn_mask=mask)[0],
+     "_scaled_dot_product_attention_math"),
     (lambda q, k, v, mask=None: scaled_dot_product(q, k, v, mask), "course_lib.attention.scaled_dot_product"),
     (lambda q, k, v, mask=None: scaled_dot_product_gqa(q, k, v, mask), "course_lib.attention.scaled_dot_product_gqa"),
 ])

@@ -20,7 +20,9 @@ from ..checking import Case, CheckResult, compare, run_cases
 _MASKS = [causal_mask, nn.Transformer.generate_square_subsequent_mask]
 _REPEATS = [repeat_kv, torch.repeat_interleave]
 _ATTENTION = [scaled_dot_product, scaled_dot_product_gqa, _grouped_attention, Attention,
-              F.scaled_dot_product_attention, nn.MultiheadAttention, F.multi_head_attention_forward]
+              F.scaled_dot_product_attention, nn.MultiheadAttention, F.multi_head_attention_forward,
+              torch._scaled_dot_product_attention_math, torch._scaled_dot_product_flash_attention_for_cpu,
+              torch._native_multi_head_attention]  # the last three: the kernels behind the public ones
 _GROWING = [KVCache, torch.cat, torch.concat, torch.concatenate, torch.stack]  # the cache is preallocated
 
 # %% ../../notebooks/04_attention.ipynb #4ea322a7
@@ -410,8 +412,8 @@ def _swap_weights(out_a, lse_a, out_b, lse_b):
 
 def check_merge_attention(candidate) -> CheckResult:
     "Check `merge_attention(out_a, lse_a, out_b, lse_b)`: two blocks' attention outputs merged into attention over all keys."
-    weights = ("block a holds a share exp(lse_a) / (exp(lse_a) + exp(lse_b)) of the softmax's mass, "
-               "block b the rest: weigh each block's output by its share")
+    weights = ("each block's output is a softmax over its own keys: rescale it by the share of the total "
+               "mass Σ exp(s_j) that its keys hold, which the two logsumexps tell")
     return run_cases("merge_attention", candidate, [
         Case("q (2, 3, 4, 16) over 10 keys, split into 6 + 4", _merge_case(2, 3, 4, 10, 16, 6), hint=weights),
         Case("one decode step: q (1, 2, 1, 8), 8 cached keys + the new one", _merge_case(1, 2, 1, 9, 8, 8, seed=1),
@@ -422,6 +424,6 @@ def check_merge_attention(candidate) -> CheckResult:
              hint="a block where a query sees no key has lse = -inf and output 0: its share must be 0, not NaN"),
         Case("large scores: q and k × 30 (logsumexps near 1000), split 3 + 3",
              _merge_case(1, 2, 2, 6, 64, 3, scale=30.0, seed=4),
-             hint="exp(1000) overflows even float64: work with differences, exp(lse_a - lse) where "
-                  "lse = log(exp(lse_a) + exp(lse_b)) (torch.logaddexp)"),
+             hint="exp(1000) overflows even float64: compute the shares from differences of logsumexps, "
+                  "never from exp(lse) itself"),
     ], forbidden=_ATTENTION)
