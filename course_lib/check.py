@@ -13,7 +13,10 @@ from .checks.rope import check_apply_rotary_emb as apply_rotary_emb, check_permu
 from .checks.rope import check_rope_shift as rope_shift
 from .checks.attention import check_causal_mask as causal_mask, check_repeat_kv as repeat_kv                  # 04
 from .checks.attention import check_scaled_dot_product as scaled_dot_product, check_KVCache as KVCache
+from .checks.attention import check_scaled_dot_product_gqa as scaled_dot_product_gqa
+from .checks.attention import check_merge_attention as merge_attention
 from .checks.feed_forward import check_llama_hidden_dim as llama_hidden_dim, check_FeedForward as FeedForward  # 05
+from .checks.feed_forward import check_swiglu_backward as swiglu_backward
 from .checks.model import check_TransformerBlock as TransformerBlock, check_count_parameters as count_parameters  # 06
 from .checks.weights import check_gguf_to_meta_name as gguf_to_meta_name, check_merge_meta_shards as merge_meta_shards  # 07
 from .checks.weights import check_dequantize_q8_0 as dequantize_q8_0, check_dequantize_q4_0 as dequantize_q4_0

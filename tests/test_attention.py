@@ -7,10 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from course_lib.attention import Attention, KVCache, causal_mask, kv_cache_bytes, repeat_kv, scaled_dot_product
+import course_lib.attention as attention_module
+from course_lib.attention import (Attention, KVCache, _grouped_attention, causal_mask, kv_cache_bytes, repeat_kv,
+                                  scaled_dot_product, scaled_dot_product_gqa)
 from course_lib.fused import FusedAttention
-from course_lib.checks.attention import check_causal_mask, check_KVCache, check_repeat_kv, check_scaled_dot_product
+from course_lib.checks.attention import (check_causal_mask, check_KVCache, check_repeat_kv, check_scaled_dot_product,
+                                         check_merge_attention, check_scaled_dot_product_gqa)
 from course_lib.rope import permute_meta_to_hf, precompute_freqs_cis
+from shortcuts import refused, source_copy
 
 
 def randn(*shape, seed=0, dtype=torch.float32):
@@ -277,17 +281,42 @@ def test_kv_cache_bytes_bad_input():
 
 # ---------------------------------------------------------------- checkers
 
-def test_check_causal_mask_passes_course_and_independent_versions():
-    assert check_causal_mask(causal_mask)
-
-    def via_tril(seq_len, start_pos=0, device=None):
-        allowed = torch.ones(seq_len, start_pos + seq_len, dtype=torch.bool, device=device).tril(start_pos)
-        return torch.zeros(allowed.shape, device=device).masked_fill(~allowed, float("-inf"))
-    assert check_causal_mask(via_tril)
+def _copy(*names):
+    "A fresh copy of course_lib.attention's `names` (helpers first): what a student who retyped them hands in."
+    return source_copy(attention_module, *names) if len(names) == 1 else source_copy(attention_module, *names)[-1]
 
 
-def _mask_from_allowed(allowed):
-    return torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
+def _mask_from_allowed(allowed, blocked=float("-inf")):
+    return torch.zeros(allowed.shape).masked_fill(~allowed, blocked)
+
+
+def _allowed(s, p):
+    return torch.ones(s, p + s, dtype=torch.bool).tril(p)
+
+
+def test_check_causal_mask_passes_a_copy_and_independent_versions():
+    assert check_causal_mask(_copy("_as_int", "causal_mask"))
+    assert check_causal_mask(lambda s, p=0, device=None: _mask_from_allowed(_allowed(s, p)))
+
+
+@pytest.mark.parametrize("blocked", [torch.finfo(torch.float32).min, -1e9, -1e4])
+def test_check_causal_mask_accepts_large_finite_negatives(blocked):
+    # Hugging Face fills blocked entries with torch.finfo(dtype).min: exactly zero weight after the softmax
+    assert check_causal_mask(lambda s, p=0, device=None: _mask_from_allowed(_allowed(s, p), blocked))
+
+
+def test_a_large_finite_negative_blocks_like_minus_inf():
+    scores = randn(3, 8, seed=1) * 30
+    for blocked in (torch.finfo(torch.float32).min, -1e9, -1e4):
+        mask = _mask_from_allowed(_allowed(3, 5), blocked)
+        assert torch.equal(torch.softmax(scores + mask, -1), torch.softmax(scores + causal_mask(3, 5), -1))
+
+
+def test_check_causal_mask_refuses_the_library_and_pytorch():
+    assert refused(check_causal_mask(causal_mask), "course_lib.attention.causal_mask")
+    assert refused(check_causal_mask(lambda s, p=0, device=None: causal_mask(s, p)), "course_lib.attention.causal_mask")
+    square = lambda s, p=0, device=None: torch.nn.Transformer.generate_square_subsequent_mask(s)
+    assert refused(check_causal_mask(square), "generate_square_subsequent_mask")
 
 
 @pytest.mark.parametrize("wrong,message", [
@@ -303,12 +332,26 @@ def _mask_from_allowed(allowed):
     # keeps the diagonal offset at 1 whatever start_pos is
     (lambda s, p=0, device=None: torch.triu(torch.full((s, p + s), float("-inf")), diagonal=1),
      r"query 0 \(absolute position 5\) is blocked from key 1, which comes before it"),
+    # transposed: keys as rows
+    (lambda s, p=0, device=None: _mask_from_allowed(_allowed(s, p)).T, "it is transposed"),
+    # the HF mask with the wrong orientation inside: lower triangle blocked
+    (lambda s, p=0, device=None: _mask_from_allowed(~_allowed(s, p) | (torch.arange(p + s) == torch.arange(s)[:, None] + p),
+                                                   torch.finfo(torch.float32).min),
+     r"is blocked from key 0, which comes before it|may see key 1, which is in its future"),
     # boolean mask
     (lambda s, p=0, device=None: torch.ones(s, p + s, dtype=torch.bool).tril(p),
      "dtype torch.bool.*0 where a query may look and -inf"),
     # 0/1 float mask
     (lambda s, p=0, device=None: 1.0 - torch.ones(s, p + s).tril(p),
      "0/1 mask only nudges the scores"),
+    # positive "blocked" values
+    (lambda s, p=0, device=None: _mask_from_allowed(_allowed(s, p), torch.finfo(torch.float32).max),
+     r"mask holds 3.40282e\+38"),
+    # a negative that is not large enough to hide the future: -100 leaves weight on a key whose score is 100 higher
+    (lambda s, p=0, device=None: _mask_from_allowed(_allowed(s, p), -100.0), "mask holds -100 at"),
+    # float16 HF mask: values fine, dtype not
+    (lambda s, p=0, device=None: _mask_from_allowed(_allowed(s, p), torch.finfo(torch.float16).min).half(),
+     "dtype torch.float16, expected torch.float32"),
 ])
 def test_check_causal_mask_catches_mistakes(wrong, message):
     result = check_causal_mask(wrong)
@@ -316,9 +359,15 @@ def test_check_causal_mask_catches_mistakes(wrong, message):
     assert any(re.search(message, problem) for _, problem, _ in result.failures), str(result)
 
 
-def test_check_repeat_kv_passes_course_and_independent_versions():
-    assert check_repeat_kv(repeat_kv)
-    assert check_repeat_kv(lambda x, n_rep: x.repeat_interleave(n_rep, dim=2))
+def test_check_repeat_kv_passes_a_copy_and_independent_versions():
+    assert check_repeat_kv(_copy("repeat_kv"))
+    assert check_repeat_kv(lambda x, n_rep: x.index_select(2, torch.arange(x.shape[2] * n_rep) // n_rep))
+
+
+def test_check_repeat_kv_refuses_the_library_and_repeat_interleave():
+    assert refused(check_repeat_kv(repeat_kv), "course_lib.attention.repeat_kv")
+    assert refused(check_repeat_kv(lambda x, n_rep: repeat_kv(x, n_rep)), "course_lib.attention.repeat_kv")
+    assert refused(check_repeat_kv(lambda x, n_rep: torch.repeat_interleave(x, n_rep, dim=2)), "torch.repeat_interleave")
 
 
 @pytest.mark.parametrize("wrong,message", [
@@ -335,19 +384,54 @@ def test_check_repeat_kv_catches_mistakes(wrong, message):
     assert any(re.search(message, problem) for _, problem, _ in result.failures), str(result)
 
 
-def test_check_scaled_dot_product_passes_course_and_torch():
-    assert check_scaled_dot_product(scaled_dot_product)
-
-    def via_torch(q, k, v, mask=None):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    assert check_scaled_dot_product(via_torch)
+def _own_attention(q, k, v, mask=None):
+    "An independent scaled dot-product attention, from the formula."
+    scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
+    return torch.softmax(scores if mask is None else scores + mask, dim=-1) @ v
 
 
-def _attend(q, k, v, mask, scale, dim=-1, use_mask=True):
-    scores = q @ k.transpose(-2, -1) * scale
-    if mask is not None and use_mask:
-        scores = scores + mask
-    return torch.softmax(scores, dim=dim) @ v
+def test_check_scaled_dot_product_passes_a_copy_and_an_independent_version():
+    assert check_scaled_dot_product(_copy("_check_sdp_inputs", "scaled_dot_product"))
+    assert check_scaled_dot_product(_own_attention)
+
+
+def _via_multi_head_attention_forward(q, k, v, mask=None):
+    b, h, s, d = q.shape
+    flat = lambda t: t.permute(2, 0, 1, 3).reshape(t.shape[2], b * h, d)          # (seq, batch*heads, d)
+    eye = torch.eye(d)
+    out, _ = F.multi_head_attention_forward(
+        flat(q), flat(k), flat(v), d, 1, torch.cat([eye, eye, eye]), None, None, None, False, 0.0,
+        eye, None, attn_mask=mask, need_weights=False)
+    return out.reshape(s, b, h, d).permute(1, 2, 0, 3)
+
+
+def _via_module(q, k, v, mask=None):
+    return torch.nn.MultiheadAttention(q.shape[-1], 1, bias=False)(q[0, 0], k[0, 0], v[0, 0])[0]
+
+
+@pytest.mark.parametrize("shortcut,name", [
+    (lambda q, k, v, mask=None: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+     "torch.nn.functional.scaled_dot_product_attention"),
+    (_via_multi_head_attention_forward, "torch.nn.functional.multi_head_attention_forward"),
+    (_via_module, "torch.nn.modules.activation.MultiheadAttention"),
+    (lambda q, k, v, mask=None: torch._scaled_dot_product_attention_math(q, k, v, attn_mask=mask)[0],
+     "_scaled_dot_product_attention_math"),
+    (lambda q, k, v, mask=None: scaled_dot_product(q, k, v, mask), "course_lib.attention.scaled_dot_product"),
+    (lambda q, k, v, mask=None: scaled_dot_product_gqa(q, k, v, mask), "course_lib.attention.scaled_dot_product_gqa"),
+])
+def test_check_scaled_dot_product_refuses_the_library_and_pytorch(shortcut, name):
+    assert refused(check_scaled_dot_product(shortcut), name), str(check_scaled_dot_product(shortcut))
+
+
+def test_check_scaled_dot_product_refuses_the_library_itself():
+    assert refused(check_scaled_dot_product(scaled_dot_product), "course_lib.attention.scaled_dot_product")
+
+
+def test_multi_head_attention_forward_shortcut_would_solve_it():
+    "The shortcut refused above is a real answer, not a strawman: outside the checker it matches the reference."
+    q, k, v = randn(2, 3, 5, 8, seed=1), randn(2, 3, 7, 8, seed=2), randn(2, 3, 7, 8, seed=3)
+    torch.testing.assert_close(_via_multi_head_attention_forward(q, k, v, causal_mask(5, 2)),
+                               scaled_dot_product(q, k, v, causal_mask(5, 2)))
 
 
 @pytest.mark.parametrize("wrong,message", [
@@ -366,54 +450,184 @@ def test_check_scaled_dot_product_catches_mistakes(wrong, message):
     assert any(re.search(message, problem) for _, problem, _ in result.failures), str(result)
 
 
-class _ConcatCache:
-    "An independent KVCache: keeps the keys and values in growing tensors instead of preallocated buffers."
+def _attend(q, k, v, mask, scale, dim=-1, use_mask=True):
+    scores = q @ k.transpose(-2, -1) * scale
+    if mask is not None and use_mask:
+        scores = scores + mask
+    return torch.softmax(scores, dim=dim) @ v
+
+
+# ---------------------------------------------------------------- check_scaled_dot_product_gqa
+
+def _gqa_by_index(q, k, v, mask=None):
+    "An independent GQA: pick K/V head h // n_rep for query head h (a copy, allowed), then attend."
+    heads = torch.arange(q.shape[1]) // (q.shape[1] // k.shape[1])
+    return _own_attention(q, k.index_select(1, heads), v.index_select(1, heads), mask)
+
+
+def test_check_scaled_dot_product_gqa_passes_a_copy_and_an_independent_version():
+    assert check_scaled_dot_product_gqa(_copy("_check_sdp_inputs", "_grouped_attention", "scaled_dot_product_gqa"))
+    assert check_scaled_dot_product_gqa(_gqa_by_index)
+
+
+@pytest.mark.parametrize("shortcut,name", [
+    (lambda q, k, v, mask=None: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True),
+     "torch.nn.functional.scaled_dot_product_attention"),
+    (lambda q, k, v, mask=None: scaled_dot_product_gqa(q, k, v, mask), "course_lib.attention.scaled_dot_product_gqa"),
+    (lambda q, k, v, mask=None: _grouped_attention(q, k, v, mask), "course_lib.attention._grouped_attention"),
+    (lambda q, k, v, mask=None: _own_attention(q, *(repeat_kv(t.transpose(1, 2), q.shape[1] // k.shape[1]).transpose(1, 2)
+                                                   for t in (k, v)), mask), "course_lib.attention.repeat_kv"),
+    (lambda q, k, v, mask=None: _own_attention(q, *(torch.repeat_interleave(t, q.shape[1] // k.shape[1], dim=1)
+                                                   for t in (k, v)), mask), "torch.repeat_interleave"),
+])
+def test_check_scaled_dot_product_gqa_refuses_the_library_and_pytorch(shortcut, name):
+    assert refused(check_scaled_dot_product_gqa(shortcut), name)
+
+
+def test_check_scaled_dot_product_gqa_refuses_the_library_itself():
+    assert refused(check_scaled_dot_product_gqa(scaled_dot_product_gqa), "course_lib.attention.scaled_dot_product_gqa")
+
+
+@pytest.mark.parametrize("wrong,message", [
+    # K/V heads tiled: query head h reads K/V head h % n_kv_heads
+    (lambda q, k, v, mask=None: _own_attention(q, *(t.repeat(1, q.shape[1] // k.shape[1], 1, 1) for t in (k, v)), mask),
+     r"query head h reading K/V head h % n_kv_heads"),
+    (lambda q, k, v, mask=None: _gqa_by_index(q * q.shape[-1] ** 0.5, k, v, mask), "the 1/√head_dim scale is missing"),
+    (lambda q, k, v, mask=None: _gqa_by_index(q, k, v), "the mask is ignored"),
+])
+def test_check_scaled_dot_product_gqa_catches_mistakes(wrong, message):
+    result = check_scaled_dot_product_gqa(wrong)
+    assert not result
+    assert any(re.search(message, problem) for _, problem, _ in result.failures), str(result)
+
+
+# ---------------------------------------------------------------- check_KVCache
+
+class _Buffers:
+    "An independent, preallocated KVCache: what the exercise asks for, written without course_lib."
     def __init__(self, max_batch_size, max_seq_len, n_kv_heads, head_dim, dtype=torch.float32, device=None):
-        self.max_seq_len, self.k, self.v = max_seq_len, None, None
+        shape = (max_batch_size, max_seq_len, n_kv_heads, head_dim)
+        self.cache_k = torch.zeros(shape, dtype=dtype, device=device)
+        self.cache_v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_seq_len = max_seq_len
+
+    def _check(self, start_pos, seq):
+        if start_pos + seq > self.max_seq_len:
+            raise ValueError(f"start_pos + seq = {start_pos + seq} exceeds max_seq_len={self.max_seq_len}")
+
+    def update(self, start_pos, xk, xv):
+        bsz, seq = xk.shape[:2]
+        self._check(start_pos, seq)
+        self.cache_k[:bsz, start_pos:start_pos + seq], self.cache_v[:bsz, start_pos:start_pos + seq] = xk, xv
+        return self.cache_k[:bsz, :start_pos + seq], self.cache_v[:bsz, :start_pos + seq]
+
+
+def test_check_KVCache_passes_a_copy_and_an_independent_version():
+    assert check_KVCache(_copy("KVCache"))
+    assert check_KVCache(_Buffers)
+
+
+def test_check_KVCache_refuses_the_library():
+    assert refused(check_KVCache(KVCache), "course_lib.attention.KVCache")
+
+    class Derived(KVCache):
+        pass
+    assert refused(check_KVCache(Derived), "derives from course_lib.attention.KVCache")
+
+    class Delegating(_Buffers):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.inner = KVCache(*args, **kwargs)
+    assert refused(check_KVCache(Delegating), "course_lib.attention.KVCache")
+
+
+class _ConcatCache:
+    "Right keys and values, but it grows with torch.cat instead of writing into preallocated buffers."
+    def __init__(self, max_batch_size, max_seq_len, n_kv_heads, head_dim, dtype=torch.float32, device=None):
+        self.max_seq_len, self.cache_k, self.cache_v = max_seq_len, None, None
 
     def update(self, start_pos, xk, xv):
         if start_pos + xk.shape[1] > self.max_seq_len:
             raise ValueError(f"start_pos + seq = {start_pos + xk.shape[1]} exceeds max_seq_len={self.max_seq_len}")
         keep = lambda t: t[:, :start_pos] if start_pos else t[:, :0]
-        self.k = xk if start_pos == 0 else torch.cat([keep(self.k), xk], 1)
-        self.v = xv if start_pos == 0 else torch.cat([keep(self.v), xv], 1)
-        return self.k, self.v
+        self.cache_k = xk if start_pos == 0 else torch.cat([keep(self.cache_k), xk], 1)
+        self.cache_v = xv if start_pos == 0 else torch.cat([keep(self.cache_v), xv], 1)
+        return self.cache_k, self.cache_v
 
 
-def test_check_KVCache_passes_course_and_independent_versions():
-    assert check_KVCache(KVCache)
-    assert check_KVCache(_ConcatCache)
+class _StackCache(_ConcatCache):  # the same with torch.stack of the positions
+    def update(self, start_pos, xk, xv):
+        old = [] if start_pos == 0 else list(self.cache_k[:, :start_pos].unbind(1)), \
+            [] if start_pos == 0 else list(self.cache_v[:, :start_pos].unbind(1))
+        self.cache_k = torch.stack(old[0] + list(xk.unbind(1)), 1)
+        self.cache_v = torch.stack(old[1] + list(xv.unbind(1)), 1)
+        return self.cache_k, self.cache_v
 
 
-class _NoOffset(KVCache):  # writes at position 0 whatever start_pos is
+def test_concat_cache_gives_the_right_values():
+    "The cat-based cache is refused for how it works, not for wrong values: its returns match the reference."
+    ours, ref = _ConcatCache(1, 8, 2, 4), KVCache(1, 8, 2, 4)
+    for start_pos, seq in ((0, 3), (3, 2), (5, 1)):
+        xk, xv = randn(1, seq, 2, 4, seed=start_pos), randn(1, seq, 2, 4, seed=start_pos + 10)
+        for got, want in zip(ours.update(start_pos, xk, xv), ref.update(start_pos, xk, xv)):
+            assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("grower,name", [(_ConcatCache, "torch.cat"), (_StackCache, "torch.stack")])
+def test_check_KVCache_refuses_a_growing_cache(grower, name):
+    assert refused(check_KVCache(grower), name)
+
+
+class _Reallocating(_Buffers):  # no torch.cat, but a new full-size buffer at every update
+    def update(self, start_pos, xk, xv):
+        self.cache_k, self.cache_v = self.cache_k.clone(), self.cache_v.clone()
+        return super().update(start_pos, xk, xv)
+
+
+class _LazyBuffers(_Buffers):  # allocates on the first update, at the first batch's size
+    def __init__(self, max_batch_size, max_seq_len, n_kv_heads, head_dim, dtype=torch.float32, device=None):
+        self.max_seq_len, self.dtype, self.cache_k = max_seq_len, dtype, None
+
+    def update(self, start_pos, xk, xv):
+        if self.cache_k is None:
+            shape = (xk.shape[0], self.max_seq_len) + tuple(xk.shape[2:])
+            self.cache_k, self.cache_v = torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype)
+        return super().update(start_pos, xk, xv)
+
+
+class _Copies(_Buffers):  # returns copies of what it holds
+    def update(self, start_pos, xk, xv):
+        return tuple(t.clone() for t in super().update(start_pos, xk, xv))
+
+
+class _NoOffset(_Buffers):  # writes at position 0 whatever start_pos is
     def update(self, start_pos, xk, xv):
         bsz, seq = xk.shape[:2]
+        self._check(start_pos, seq)
         self.cache_k[:bsz, :seq], self.cache_v[:bsz, :seq] = xk, xv
         return self.cache_k[:bsz, :start_pos + seq], self.cache_v[:bsz, :start_pos + seq]
 
 
-class _OnlyNew(KVCache):  # returns the new keys and values only
+class _OnlyNew(_Buffers):  # returns the new keys and values only
     def update(self, start_pos, xk, xv):
         super().update(start_pos, xk, xv)
         return xk, xv
 
 
-class _WholeCache(KVCache):  # returns the whole preallocated buffers
+class _WholeCache(_Buffers):  # returns the whole preallocated buffers
     def update(self, start_pos, xk, xv):
         super().update(start_pos, xk, xv)
         return self.cache_k, self.cache_v
 
 
-class _Swapped(KVCache):
+class _Swapped(_Buffers):
     def update(self, start_pos, xk, xv):
         return super().update(start_pos, xk, xv)[::-1]
 
 
-class _NoBoundsCheck(KVCache):  # plain slicing: a shape error instead of a ValueError past max_seq_len
-    def update(self, start_pos, xk, xv):
-        bsz, seq = xk.shape[:2]
-        self.cache_k[:bsz, start_pos:start_pos + seq], self.cache_v[:bsz, start_pos:start_pos + seq] = xk, xv
-        return self.cache_k[:bsz, :start_pos + seq], self.cache_v[:bsz, :start_pos + seq]
+class _NoBoundsCheck(_Buffers):  # plain slicing: a shape error instead of a ValueError past max_seq_len
+    def _check(self, start_pos, seq):
+        pass
 
 
 @pytest.mark.parametrize("wrong,message", [
@@ -422,11 +636,81 @@ class _NoBoundsCheck(KVCache):  # plain slicing: a shape error instead of a Valu
     (_WholeCache, "returns the whole preallocated cache"),
     (_Swapped, "keys and values are swapped"),
     (_NoBoundsCheck, "raised RuntimeError.*expected a ValueError"),
+    (_Reallocating, r"cache_k is a new tensor: write into the preallocated one in place"),
+    (_LazyBuffers, r"after KVCache\(2, 8, 2, 4\) there is no tensor cache_k"),
+    (_Copies, r"the keys returned by update\(start_pos=0, xk \(1, 3, 2, 4\)\) are a new tensor, not a view of cache_k"),
 ])
 def test_check_KVCache_catches_mistakes(wrong, message):
     result = check_KVCache(wrong)
     assert not result
     assert any(re.search(message, problem) for _, problem, _ in result.failures), str(result)
+
+
+def test_check_KVCache_names_a_buffer_of_the_wrong_size():
+    class Short(_Buffers):
+        def __init__(self, max_batch_size, max_seq_len, *args, **kwargs):
+            super().__init__(max_batch_size, max_seq_len // 2, *args, **kwargs)
+            self.max_seq_len = max_seq_len
+    result = check_KVCache(Short)
+    assert not result and "after construction cache_k is (2, 4, 2, 4) torch.float32, expected the full (2, 8, 2, 4)" \
+        in str(result)
+
+
+# ---------------------------------------------------------------- check_merge_attention (exercise 5)
+
+def merge_attention(out_a, lse_a, out_b, lse_b):
+    "The answer to exercise 5: each block's output weighed by its share of the softmax's mass."
+    lse = torch.logaddexp(lse_a, lse_b)[..., None]     # (batch, n_heads, seq, 1) log of the total mass
+    return (lse_a[..., None] - lse).exp() * out_a + (lse_b[..., None] - lse).exp() * out_b
+
+
+def test_check_merge_attention_passes_the_answer():
+    assert check_merge_attention(merge_attention)
+
+
+def test_merge_attention_answer_equals_attention_over_all_keys():
+    "Independent of the checker: split PyTorch's attention by hand and merge it back."
+    q, k, v = randn(1, 2, 3, 8, seed=1), randn(1, 2, 7, 8, seed=2), randn(1, 2, 7, 8, seed=3)
+    parts = []
+    for part in (slice(None, 4), slice(4, None)):
+        scores = q @ k[:, :, part].transpose(-2, -1) / 8 ** 0.5
+        parts += [F.scaled_dot_product_attention(q, k[:, :, part], v[:, :, part]), scores.logsumexp(-1)]
+    torch.testing.assert_close(merge_attention(*parts), F.scaled_dot_product_attention(q, k, v))
+
+
+def _naive_merge(out_a, lse_a, out_b, lse_b):  # exp(lse) overflows for large scores
+    wa, wb = lse_a.double().exp()[..., None], lse_b.double().exp()[..., None]
+    return ((wa * out_a + wb * out_b) / (wa + wb)).float()
+
+
+def _nan_for_empty_blocks(out_a, lse_a, out_b, lse_b):  # block a's share as r / (1 + r), r = exp(lse_a - lse_b)
+    r = (lse_a - lse_b).exp()[..., None]                # inf when block b is empty: inf / inf = NaN
+    return (r * out_a + out_b) / (1 + r)
+
+
+@pytest.mark.parametrize("wrong,message", [
+    (lambda oa, la, ob, lb: (oa + ob) / 2, "averages the two outputs"),
+    (lambda oa, la, ob, lb: merge_attention(oa, lb, ob, la), "gives each block the other's weight"),
+    (_naive_merge, r"large scores.*has NaN"),
+    (lambda oa, la, ob, lb: torch.cat([oa, ob], -1), r"merged output has shape \(2, 3, 4, 32\), expected \(2, 3, 4, 16\)"),
+])
+def test_check_merge_attention_catches_mistakes(wrong, message):
+    result = check_merge_attention(wrong)
+    assert not result
+    assert any(re.search(message, f"{d}: {p}") for d, p, _ in result.failures), str(result)
+
+
+def test_check_merge_attention_catches_nan_for_a_block_that_sees_no_key():
+    result = check_merge_attention(_nan_for_empty_blocks)
+    assert not result and "query 0 sees no key of block b: merged output has NaN" in str(result), str(result)
+
+
+def test_check_merge_attention_refuses_the_attention_shortcuts():
+    "A candidate cannot recompute the attention (it gets no q, k, v), but the library's answers stay switched off."
+    def via_library(out_a, lse_a, out_b, lse_b):
+        scaled_dot_product(out_a, out_a, out_a)
+        return merge_attention(out_a, lse_a, out_b, lse_b)
+    assert refused(check_merge_attention(via_library), "course_lib.attention.scaled_dot_product")
 
 
 def test_check_KVCache_stub_gives_one_line():

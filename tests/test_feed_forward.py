@@ -5,9 +5,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import course_lib.feed_forward as feed_forward_module
 from course_lib.checking import CheckResult
-from course_lib.checks.feed_forward import check_FeedForward, check_llama_hidden_dim
+from course_lib.checks.feed_forward import check_FeedForward, check_llama_hidden_dim, check_swiglu_backward
 from course_lib.feed_forward import FeedForward, llama_hidden_dim
+from course_lib.fused import FusedFeedForward
+from shortcuts import refused, source_copy
+
+# fresh copies of the reference (what a student who retyped it hands in): the checkers refuse the library's own
+own_llama_hidden_dim = source_copy(feed_forward_module, "_check_positive_int", "llama_hidden_dim")[-1]
+OwnFeedForward = source_copy(feed_forward_module, "FeedForward")
 
 
 # ---------------------------------------------------------------- llama_hidden_dim
@@ -194,12 +201,18 @@ def ignores_multiple_of(dim, multiple_of=256, ffn_dim_multiplier=None):
 
 
 def returns_float(dim, multiple_of=256, ffn_dim_multiplier=None):
-    return float(llama_hidden_dim(dim, multiple_of, ffn_dim_multiplier))
+    return float(own_llama_hidden_dim(dim, multiple_of, ffn_dim_multiplier))
 
 
-def test_check_llama_hidden_dim_passes_course_implementation():
-    result = check_llama_hidden_dim(llama_hidden_dim)
+def test_check_llama_hidden_dim_passes_a_copy_of_the_course_implementation():
+    result = check_llama_hidden_dim(own_llama_hidden_dim)
     assert isinstance(result, CheckResult) and result and "passed all 9 cases" in str(result)
+
+
+def test_check_llama_hidden_dim_refuses_the_library():
+    assert refused(check_llama_hidden_dim(llama_hidden_dim), "course_lib.feed_forward.llama_hidden_dim")
+    wrapped = lambda dim, multiple_of=256, ffn_dim_multiplier=None: llama_hidden_dim(dim, multiple_of, ffn_dim_multiplier)
+    assert refused(check_llama_hidden_dim(wrapped), "course_lib.feed_forward.llama_hidden_dim")
 
 
 @pytest.mark.parametrize("candidate, diagnosis, failing_case", [
@@ -271,8 +284,36 @@ class Stub(nn.Module):
 
 
 def test_check_feed_forward_passes_course_implementation():
-    result = check_FeedForward(FeedForward)
+    result = check_FeedForward(OwnFeedForward)
     assert result and "passed all 5 cases" in str(result)
+
+
+def test_check_feed_forward_refuses_the_library_and_its_fused_variant():
+    assert refused(check_FeedForward(FeedForward), "is course_lib.feed_forward.FeedForward itself")
+
+    class Derived(FeedForward):
+        pass
+    assert refused(check_FeedForward(Derived), "derives from course_lib.feed_forward.FeedForward")
+
+    class Delegating(nn.Module):  # builds the library's layer inside its own
+        def __init__(self, dim, hidden_dim):
+            super().__init__()
+            self.inner = FeedForward(dim, hidden_dim)
+            self.w1, self.w2, self.w3 = self.inner.w1, self.inner.w2, self.inner.w3
+
+        def forward(self, x): return self.inner(x)
+    assert refused(check_FeedForward(Delegating), "course_lib.feed_forward.FeedForward")
+
+    class Fused(nn.Module):  # chapter 07c's fused layer, fed the weights of its own copy of the layer
+        def __init__(self, dim, hidden_dim):
+            super().__init__()
+            self.w1, self.w2, self.w3 = (getattr(OwnFeedForward(dim, hidden_dim), n) for n in ("w1", "w2", "w3"))
+
+        def forward(self, x):
+            plain = OwnFeedForward(self.w1.in_features, self.w1.out_features).to(x.dtype)
+            plain.w1, plain.w2, plain.w3 = self.w1, self.w2, self.w3
+            return FusedFeedForward(plain)(x)
+    assert refused(check_FeedForward(Fused), "course_lib.fused.FusedFeedForward")
 
 
 def test_check_feed_forward_passes_equivalent_rewrite():
@@ -315,7 +356,72 @@ def test_check_feed_forward_stub_and_non_class():
 def test_checkers_leave_global_rng_alone():
     torch.manual_seed(123)
     before = torch.get_rng_state()
-    check_FeedForward(FeedForward)
+    check_FeedForward(OwnFeedForward)
     check_FeedForward(Swapped)
-    check_llama_hidden_dim(llama_hidden_dim)
+    check_llama_hidden_dim(own_llama_hidden_dim)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+# ---------------------------------------------------------------- check_swiglu_backward (exercise 3)
+
+def swiglu_backward(a, b, grad_h):
+    "The answer to exercise 3: h = silu(a)·b; silu'(a) = σ(a)·(1 + a·(1 - σ(a))) by the product rule."
+    s = torch.sigmoid(a)                                  # finite for any a, unlike exp(a) / (1 + exp(a))
+    return grad_h * b * s * (1 + a * (1 - s)), grad_h * a * s
+
+
+def test_swiglu_backward_answer_matches_autograd():
+    a, b, g = (torch.randn(4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    a_, b_ = a.clone().requires_grad_(), b.clone().requires_grad_()
+    (F.silu(a_) * b_).backward(g)
+    ga, gb = swiglu_backward(a, b, g)
+    torch.testing.assert_close(ga, a_.grad)
+    torch.testing.assert_close(gb, b_.grad)
+
+
+def test_check_swiglu_backward_passes_the_answer():
+    result = check_swiglu_backward(swiglu_backward)
+    assert result and "passed all 4 cases" in str(result)
+
+
+def _by_autograd(a, b, grad_h):
+    a, b = a.requires_grad_(), b.requires_grad_()
+    return torch.autograd.grad(F.silu(a) * b, (a, b), grad_h)
+
+
+def _by_backward(a, b, grad_h):
+    a, b = a.requires_grad_(), b.requires_grad_()
+    (F.silu(a) * b).backward(grad_h)
+    return a.grad, b.grad
+
+
+def _by_vjp(a, b, grad_h):
+    return torch.func.vjp(lambda a, b: F.silu(a) * b, a, b)[1](grad_h)
+
+
+@pytest.mark.parametrize("shortcut,name", [
+    (_by_autograd, "torch.autograd.grad"), (_by_backward, "Tensor.backward"), (_by_vjp, "torch.autograd.grad"),
+])
+def test_check_swiglu_backward_refuses_autograd(shortcut, name):
+    assert refused(check_swiglu_backward(shortcut), name), str(check_swiglu_backward(shortcut))
+
+
+def _naive_sigmoid(a, b, grad_h):
+    s = torch.exp(a) / (1 + torch.exp(a))
+    return grad_h * b * s * (1 + a * (1 - s)), grad_h * a * s
+
+
+@pytest.mark.parametrize("wrong,message", [
+    (lambda a, b, g: (g * b * torch.sigmoid(a), g * F.silu(a)), "uses σ(a) as SiLU's derivative"),
+    (lambda a, b, g: (g * b * torch.sigmoid(a) * (1 - torch.sigmoid(a)), g * F.silu(a)), "the sigmoid's derivative"),
+    (lambda a, b, g: (swiglu_backward(a, b, g)[0] / b, g * F.silu(a)), "forgets the factor b"),
+    (lambda a, b, g: (swiglu_backward(a, b, g)[0], g * a), "uses a instead of SiLU(a)"),
+    (lambda a, b, g: (swiglu_backward(a, b, g)[0], g), "leaves out SiLU(a)"),
+    (lambda a, b, g: swiglu_backward(a, b, g)[0], "should return a pair"),
+    (lambda a, b, g: tuple(t.double() for t in swiglu_backward(a, b, g)), "dtype torch.float64, expected torch.float32"),
+    (_naive_sigmoid, "large pre-activations, |a| up to 1000, float64: grad_a has NaN"),
+])
+def test_check_swiglu_backward_catches_mistakes(wrong, message):
+    result = check_swiglu_backward(wrong)
+    assert not result and message in str(result), str(result)
+
