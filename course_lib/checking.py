@@ -160,13 +160,17 @@ class NoShortcuts:
     def __init__(self, exercise: str, candidate, forbidden=()):
         self.exercise, self.violations, self.forbidden = exercise, [], list(forbidden)
         self._codes, self._builtins = {}, {}                 # code -> name; id(C function) -> (it, name)
+        self._methods = {}                                   # tensor method name -> name: x.repeat_interleave(...)
         for item in forbidden:
             functions = ([f for f in vars(item).values() if hasattr(f, "__code__")] if isinstance(item, type)
                          else _functions_of(item))
             for f in functions:
                 self._codes[f.__code__] = _name(item)
-            if not functions:
-                self._builtins[id(item)] = (item, _name(item))
+            if functions:
+                continue
+            if isinstance(getattr(item, "__objclass__", None), type) and issubclass(torch.Tensor, item.__objclass__):
+                self._methods[item.__name__] = f"torch.Tensor.{item.__name__}"   # called as a bound method
+            self._builtins[id(item)] = (item, _name(item))
         self._candidate = {f.__code__ for f in _functions_of(candidate)}
 
     def shortcut(self, candidate):
@@ -190,8 +194,12 @@ class NoShortcuts:
     def _watch(self, frame, event, arg):
         if event == "call" and frame.f_code in self._codes:
             self._refuse(self._codes[frame.f_code], frame)
-        elif event == "c_call" and id(arg) in self._builtins and self._builtins[id(arg)][0] is arg:
-            self._refuse(self._builtins[id(arg)][1], frame)
+        elif event == "c_call":
+            if id(arg) in self._builtins and self._builtins[id(arg)][0] is arg:
+                self._refuse(self._builtins[id(arg)][1], frame)
+            elif self._methods and isinstance(getattr(arg, "__self__", None), torch.Tensor) \
+                    and getattr(arg, "__name__", None) in self._methods:
+                self._refuse(self._methods[arg.__name__], frame)
 
     def __enter__(self):
         self._previous = sys.getprofile()

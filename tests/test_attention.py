@@ -368,6 +368,8 @@ def test_check_repeat_kv_refuses_the_library_and_repeat_interleave():
     assert refused(check_repeat_kv(repeat_kv), "course_lib.attention.repeat_kv")
     assert refused(check_repeat_kv(lambda x, n_rep: repeat_kv(x, n_rep)), "course_lib.attention.repeat_kv")
     assert refused(check_repeat_kv(lambda x, n_rep: torch.repeat_interleave(x, n_rep, dim=2)), "torch.repeat_interleave")
+    # the same built-in called as a tensor method (a bound C method: NoShortcuts matches it by name on a Tensor)
+    assert refused(check_repeat_kv(lambda x, n_rep: x.repeat_interleave(n_rep, dim=2)), "torch.Tensor.repeat_interleave")
 
 
 @pytest.mark.parametrize("wrong,message", [

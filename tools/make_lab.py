@@ -61,6 +61,7 @@ def _strip_directives(source: str) -> str:
 def _clean(cell) -> nbformat.NotebookNode:
     cell = copy.deepcopy(cell)
     cell.pop("id", None)
+    cell.metadata.pop("execution", None)                  # run timestamps of the reading edition: not content
     if cell.cell_type == "code":
         cell.source, cell.outputs, cell.execution_count = _strip_directives(cell.source), [], None
     return cell

@@ -18,7 +18,7 @@ from ..checking import Case, CheckResult, compare, run_cases
 
 # switched off while a candidate runs (chapter 00's NoShortcuts): the library's answers, and PyTorch's
 _MASKS = [causal_mask, nn.Transformer.generate_square_subsequent_mask]
-_REPEATS = [repeat_kv, torch.repeat_interleave]
+_REPEATS = [repeat_kv, torch.repeat_interleave, torch.Tensor.repeat_interleave]
 _ATTENTION = [scaled_dot_product, scaled_dot_product_gqa, _grouped_attention, Attention,
               F.scaled_dot_product_attention, nn.MultiheadAttention, F.multi_head_attention_forward,
               torch._scaled_dot_product_attention_math, torch._scaled_dot_product_flash_attention_for_cpu,
