@@ -50,7 +50,7 @@ def _add_rms_norm_case(backend, source, n, seed, eps=1e-5):
 
 
 def check_add_rms_norm(source, backend=None) -> CheckResult:
-    "Check CUDA C source (a str, or a function returning it) defining `add_rms_norm`: x += y; out = rms_norm(x) * weight."
+    "Check CUDA C source (a str, or a function returning it) defining `add_rms_norm`: x += y, rms_norm(x) * weight."
     def cases(backend, full):
         return [Case("n = 576 (SmolLM2's dim: not a multiple of 256)", _add_rms_norm_case(backend, full, 576, 0),
                      "each thread loops i = threadIdx.x; i < n; i += blockDim.x, for the add and for the scaling"),
@@ -101,14 +101,15 @@ def _softmax_case(backend, source, n, temperature, seed, scale=3.0):
 
 
 def check_softmax_temperature(source, backend=None) -> CheckResult:
-    "Check CUDA C source (a str, or a function returning it) defining `softmax_temperature(logits, probs, n, temperature)`."
+    "Check CUDA C source (a str, or a function returning it) defining `softmax_temperature`: softmax(logits / T)."
     def cases(backend, full):
         return [Case("n = 49152 (SmolLM2's vocabulary), temperature 0.7",
                      _softmax_case(backend, full, 49152, 0.7, 0),
                      "loop i = threadIdx.x; i < n; i += blockDim.x; reduce over the block (max, then sum)"),
                 Case("n = 100 (fewer logits than threads), temperature 1",
                      _softmax_case(backend, full, 100, 1.0, 1),
-                     "threads without a logit still take part in the block reductions (with -inf for the max, 0 for the sum)"),
+                     "threads without a logit still take part in the block reductions "
+                     "(with -inf for the max, 0 for the sum)"),
                 Case("n = 1000, logits up to about ±1000, temperature 0.5: exp(logit / T) overflows float32",
                      _softmax_case(backend, full, 1000, 0.5, 2, scale=300.0),
                      "exp((logit - max) / T): the shift changes nothing mathematically and keeps exp <= 1"),
