@@ -31,4 +31,4 @@ from .checks.quantization import check_quantize_q4_0 as quantize_q4_0, check_per
 from .checks.fast_cpu import check_int4_scales_and_zeros as int4_scales_and_zeros                            # 08b
 from .checks.fast_cpu import check_repack_rows8 as repack_rows8
 from .checks.cuda import check_qmatvec_q4_1 as qmatvec_q4_1, check_qmatvec_swiglu as qmatvec_swiglu     # 09
-from .checks.gpu_decoder import check_add_rms_norm as add_rms_norm                                          # 09b
+from .checks.gpu_decoder import check_add_rms_norm as add_rms_norm, check_softmax_temperature as softmax_temperature  # 09b

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import course_lib.cuda as cuda
 import course_lib.checks.cuda as checks_cuda
-from course_lib.checks.gpu_decoder import check_add_rms_norm
+from course_lib.checks.gpu_decoder import check_add_rms_norm, check_softmax_temperature
 from course_lib.cuda import (CudaQuantModel, KERNEL_SOURCES, QuantMatrix, check_qmatvec_q4_1, check_qmatvec_swiglu,
                              compile_ptx, cuda_add, cuda_argmax, cuda_attention, cuda_embedding, cuda_qmatvec,
                              cuda_qmatvec_plain, cuda_rms_norm, cuda_rope_kv_cache, cuda_swiglu, decode_bytes_per_token,
@@ -29,6 +29,7 @@ from course_lib.c_step import CCompilerError
 from course_lib.rope import precompute_freqs_cis
 
 from conftest import EMU_OK, EMU_WHY, GPU_OK, GPU_WHY, needs_gpu  # noqa: E402 (tests/conftest.py)
+from shortcuts import refused  # noqa: E402 (tests/shortcuts.py)
 
 SCHEMES = ("q8_0", "q4_0", "q4_1")
 
@@ -580,18 +581,23 @@ def emulator_only():
     return get_backend("emulator")
 
 
-def test_q4_1_checker_accepts_the_library_kernel_and_names_mistakes():
+# a Q4_1 kernel written from Q4_0's like the library's, but the student's own: the checker accepts it
+OWN_Q4_1 = KERNEL_SOURCES["qmatvec_q4_1"].replace("acc", "total").replace("xsum", "x_sum")
+
+
+def test_q4_1_checker_accepts_an_own_kernel_and_names_mistakes():
     b = emulator_only()
-    assert check_qmatvec_q4_1(KERNEL_SOURCES["qmatvec_q4_1"], backend=b)
-    minus8 = KERNEL_SOURCES["qmatvec_q4_1"].replace(
-        "__half2float(dm[i]) * dot_q4(q, xv) + __half2float(dm[i + 1]) * xsum",
-        "__half2float(dm[i]) * (dot_q4(q, xv) - 8.0f * xsum)")
+    assert check_qmatvec_q4_1(OWN_Q4_1, backend=b)
+    assert check_qmatvec_q4_1(lambda: OWN_Q4_1, backend=b)                         # a function returning it too
+    minus8 = OWN_Q4_1.replace(
+        "__half2float(dm[i]) * dot_q4(q, xv) + __half2float(dm[i + 1]) * x_sum",
+        "__half2float(dm[i]) * (dot_q4(q, xv) - 8.0f * x_sum)")
     result = check_qmatvec_q4_1(minus8, backend=b)
     assert not result and "you subtract 8 as in Q4_0" in str(result)
-    no_m = KERNEL_SOURCES["qmatvec_q4_1"].replace(" + __half2float(dm[i + 1]) * xsum", "")
+    no_m = OWN_Q4_1.replace(" + __half2float(dm[i + 1]) * x_sum", "")
     assert "m is missing" in str(check_qmatvec_q4_1(no_m, backend=b))
-    swapped = KERNEL_SOURCES["qmatvec_q4_1"].replace("__half2float(dm[i]) * dot_q4", "__half2float(dm[i + 1]) * dot_q4") \
-        .replace("__half2float(dm[i + 1]) * xsum", "__half2float(dm[i]) * xsum")
+    swapped = OWN_Q4_1.replace("__half2float(dm[i]) * dot_q4", "__half2float(dm[i + 1]) * dot_q4") \
+        .replace("__half2float(dm[i + 1]) * x_sum", "__half2float(dm[i]) * x_sum")
     assert "d and m are swapped" in str(check_qmatvec_q4_1(swapped, backend=b))
     stub = 'extern "C" __global__ void qmatvec_q4_1(const unsigned char* q, const __half* dm, const float* x, float* y, ' \
            'const float* r, int rows, int in_features, int rpw, int add) {}'
@@ -600,6 +606,29 @@ def test_q4_1_checker_accepts_the_library_kernel_and_names_mistakes():
     result = check_qmatvec_q4_1("this is not C", backend=b)
     assert not result and "compiling your source" in str(result)
     assert KERNEL_SOURCES["qmatvec_q4_1"] not in str(result)                          # never prints the solution
+
+
+def test_kernel_checkers_refuse_the_library_kernel_and_decode_source():
+    b = emulator_only()
+    library = KERNEL_SOURCES["qmatvec_q4_1"]
+    key = "KERNEL_SOURCES['qmatvec_q4_1']"
+    assert refused(check_qmatvec_q4_1(library, backend=b), key)                        # the string itself
+    reformatted = "// my kernel\n" + library.replace("    ", "\t").replace(" = ", "=").replace("{\n", "{ /* go */\n")
+    assert refused(check_qmatvec_q4_1(reformatted, backend=b), key)                    # whitespace and comments aside
+    assert refused(check_qmatvec_q4_1(lambda: "// mine\n" + library, backend=b), key)  # a function returning it
+    assert refused(check_qmatvec_q4_1(lambda: cuda.decode_source(), backend=b), "decode_source")
+    assert refused(check_add_rms_norm(lambda: cuda.decode_source(), backend=b), "decode_source")
+    assert checks_cuda._library_copy("qmatvec_q4_1", OWN_Q4_1) is None
+
+
+def test_kernel_checkers_report_a_stub_function_and_a_wrong_return_type():
+    def stub():
+        raise NotImplementedError()
+    for checker in (check_qmatvec_q4_1, check_qmatvec_swiglu, check_add_rms_norm, check_softmax_temperature):
+        result = checker(stub)
+        assert not result and "raised NotImplementedError" in str(result) and "stub" in str(result), str(result)
+        result = checker(lambda: 42)
+        assert not result and "should be CUDA C source (a str), got int" in str(result)
 
 
 def test_swiglu_checker():
@@ -638,17 +667,64 @@ extern "C" __global__ void add_rms_norm(float* x, const float* y, const float* w
 ])
 def test_add_rms_norm_checker_passes_a_solution_and_names_mistakes(backend, old, new, named):
     assert check_add_rms_norm(ADD_RMS_NORM_SOLUTION, backend=backend)
+    assert check_add_rms_norm(lambda: ADD_RMS_NORM_SOLUTION, backend=backend)        # a function returning it
     assert old in ADD_RMS_NORM_SOLUTION
     result = check_add_rms_norm(ADD_RMS_NORM_SOLUTION.replace(old, new), backend=backend)
     assert not result and named in str(result), str(result)
 
 
+SOFTMAX_SOLUTION = r"""
+__device__ float largest(float v, float* shared) {
+    for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, offset));
+    if ((threadIdx.x & 31) == 0) shared[threadIdx.x >> 5] = v;
+    __syncthreads();
+    float m = NEG_INF;
+    for (int w = 0; w < (int)(blockDim.x >> 5); ++w) m = fmaxf(m, shared[w]);
+    __syncthreads();
+    return m;
+}
+
+extern "C" __global__ void softmax_temperature(const float* logits, float* probs, int n, float temperature) {
+    __shared__ float shared[32];
+    float m = NEG_INF;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) m = fmaxf(m, logits[i]);
+    m = largest(m, shared);
+    float total = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        probs[i] = expf((logits[i] - m) / temperature);
+        total += probs[i];
+    }
+    total = block_sum(total, shared);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) probs[i] /= total;
+}
+"""
+
+
+@pytest.mark.parametrize("old, new, named", [
+    ("expf((logits[i] - m) / temperature)", "expf(logits[i] / temperature)", "exp overflowed"),
+    ("(logits[i] - m) / temperature", "(logits[i] - m) * temperature", "multiplied by the temperature"),
+    ("(logits[i] - m) / temperature", "(logits[i] - m)", "the temperature is missing"),
+    ("probs[i] /= total", "probs[i] /= 1.0f", "not divided by their sum"),
+    ("total = block_sum(total, shared);", "", "its own partial sum"),
+    ("m = largest(m, shared);", "", "its own maximum"),
+    ("    for (int i = threadIdx.x; i < n; i += blockDim.x) probs[i] /= total;\n", "", "not divided by their sum"),
+])
+def test_softmax_checker_passes_a_solution_and_names_mistakes(old, new, named):
+    b = emulator_only()
+    assert check_softmax_temperature(SOFTMAX_SOLUTION, backend=b)
+    assert old in SOFTMAX_SOLUTION
+    result = check_softmax_temperature(SOFTMAX_SOLUTION.replace(old, new), backend=b)
+    assert not result and named in str(result), str(result)
+
+
 def test_checkers_explain_themselves_without_a_backend(monkeypatch):
     monkeypatch.setattr(checks_cuda, "get_backend", lambda kind="auto": None)     # where the checkers look
-    result = check_qmatvec_q4_1(KERNEL_SOURCES["qmatvec_q4_1"])
+    result = check_qmatvec_q4_1(OWN_Q4_1)
     assert not result and "cannot run CUDA kernels" in str(result) and "on a GPU" in str(result)
     with pytest.raises(TypeError, match="the candidate must be CUDA C source"):
         check_qmatvec_swiglu(42)
+    with pytest.raises(TypeError, match="or a function returning it, got bytes"):
+        check_softmax_temperature(b"bytes")
     monkeypatch.setattr(checks_cuda, "backend_status", lambda: "no GPU, no emulator")
     assert "cannot run CUDA kernels: no GPU, no emulator" in str(check_add_rms_norm(ADD_RMS_NORM_SOLUTION))
 

@@ -23,7 +23,7 @@ needs_cuobjdump = pytest.mark.skipif(cuobjdump_path() is None, reason="cuobjdump
 
 
 def notebook_kernel_sources() -> dict:
-    "The CUDA C strings the notebooks' own cells define for the exercises (stubs, buggy versions, answers)."
+    "The CUDA C the notebooks' own cells define for the exercises: stubs, buggy versions, the answer functions."
     out = {}
     for cell in [c for notebook in NOTEBOOKS for c in json.loads(notebook.read_text())["cells"]]:
         text = "".join(cell["source"])
@@ -32,6 +32,8 @@ def notebook_kernel_sources() -> dict:
         for name, body in re.findall(r'^(\w+) = r"""(.*?)"""', text, flags=re.S | re.M):
             if "__global__" in body:
                 out[name] = body
+        for name, body in re.findall(r'^def (\w+)\(\).*?return r"""(.*?)"""', text, flags=re.S | re.M):
+            out[name] = body                                # the appendices' answers (the lab's solutions)
     return out
 
 
@@ -67,7 +69,8 @@ def test_the_gate_fails_on_the_infinity_version():
 @needs_nvrtc
 def test_every_exercise_and_checker_source_compiles():
     sources = notebook_kernel_sources()
-    assert {"my_q4_1", "buggy_q4_1", "my_swiglu", "my_add_rms_norm"} <= set(sources), sorted(sources)
+    assert {"my_q4_1", "buggy_q4_1", "my_swiglu", "my_add_rms_norm", "my_softmax", "qmatvec_q4_1_source",
+            "qmatvec_swiglu_source", "add_rms_norm_source", "softmax_temperature_source"} <= set(sources), sorted(sources)
     sources["library q4_1 (the appendix's answer)"] = cuda.KERNEL_SOURCES["qmatvec_q4_1"]
     for name, source in sources.items():
         for arch in ARCHS:

@@ -6,12 +6,14 @@
 __all__ = ['exercise_source', 'check_qmatvec_q4_1', 'check_qmatvec_swiglu']
 
 # %% ../../notebooks/09_cuda_kernels.ipynb #84af12b2
+import re
+
 import torch
 import torch.nn.functional as F
 
 from ..checking import Case, CheckResult, compare, run_cases
 from ..cuda.backend import Backend, _as_int32, _launch, backend_status, empty, get_backend, to_device, to_host
-from ..cuda.compiler import KERNEL_SOURCES
+from ..cuda.compiler import KERNEL_SOURCES, decode_source
 from ..cuda.matvec import cuda_qmatvec, upload_matrix
 from ..quant_formats import block_bytes, dequantize, quantize
 
@@ -65,10 +67,68 @@ def exercise_source(source: str) -> str:
     return KERNEL_SOURCES["common"] + KERNEL_SOURCES["qmatvec"] + source
 
 
-def _kernel_checker(name: str, source, backend, cases_for, what: str) -> CheckResult:
-    "Compile `source` after the library's helpers and run the cases; explain when no backend can run it."
-    if not isinstance(source, str):
-        raise TypeError(f"the candidate must be CUDA C source (a str) defining {name}, got {type(source).__name__}")
+# The library's answers, refused while a candidate runs (chapter 00's NoShortcuts): `decode_source()` hands out
+# every kernel the library has; a source that holds the library's own kernel of the exercise is refused too.
+_FORBIDDEN = [decode_source]
+
+
+def _normalised(source: str) -> str:
+    "C source without its comments and whitespace: a copy that was only reformatted or re-commented reads the same."
+    return re.sub(r"\s+", "", re.sub(r"/\*.*?\*/|//[^\n]*", "", source, flags=re.S))
+
+
+def _kernel_text(source: str, name: str):
+    "The definition of kernel `name` in `source`, from `extern \"C\"` to its closing brace, or None."
+    start = re.search(rf'extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s*)?{name}\s*\(', source)
+    if start is None or "{" not in source[start.end():]:
+        return None
+    depth = 0
+    for j in range(source.index("{", start.end()), len(source)):
+        depth += {"{": 1, "}": -1}.get(source[j], 0)
+        if depth == 0:
+            return source[start.start():j + 1]
+    return None
+
+
+def _library_copy(name: str, source: str):
+    "The KERNEL_SOURCES key whose kernel `name` appears in `source` (comments and whitespace aside), or None."
+    mine = _normalised(source)
+    for key, library in KERNEL_SOURCES.items():
+        kernel = _kernel_text(library, name)
+        if kernel is not None and _normalised(kernel) in mine:
+            return key
+    return None
+
+
+def _source_of(name: str, candidate):
+    "(source, None) from a str or a function returning one (run under NoShortcuts); (None, the failed CheckResult)."
+    if isinstance(candidate, str):
+        get = lambda: candidate
+    elif callable(candidate):
+        get = candidate
+    else:
+        raise TypeError(f"the candidate must be CUDA C source (a str) defining {name}, or a function returning it, "
+                        f"got {type(candidate).__name__}")
+    found = []
+
+    def fetch(get):
+        source = get()
+        if not isinstance(source, str):
+            return f"should be CUDA C source (a str), got {type(source).__name__}"
+        key = _library_copy(name, source)
+        if key is not None:
+            return (f"{name} wants your own code: your source holds the library's {name} (KERNEL_SOURCES[{key!r}]), "
+                    f"comments and whitespace aside")
+        found.append(source)
+    result = run_cases(name, get, [Case("your source", fetch)], forbidden=_FORBIDDEN)
+    return (found[0], None) if result else (None, result)
+
+
+def _kernel_checker(name: str, candidate, backend, cases_for, what: str) -> CheckResult:
+    "The candidate's source, compiled after the library's helpers, on the cases; says so when nothing can run it."
+    source, failed = _source_of(name, candidate)
+    if failed is not None:                            # the stub, the library's own kernel, or not a str
+        return failed
     try:
         backend = backend if isinstance(backend, Backend) else get_backend("auto" if backend is None else backend)
     except RuntimeError:
@@ -87,8 +147,8 @@ def _kernel_checker(name: str, source, backend, cases_for, what: str) -> CheckRe
     return run_cases(name, lambda *a: None, cases_for(backend, full))
 
 
-def check_qmatvec_q4_1(source: str, backend=None) -> CheckResult:
-    "Check CUDA C source defining `qmatvec_q4_1` (the signature of qmatvec_q4_0, repacked Q4_1 layout)."
+def check_qmatvec_q4_1(source, backend=None) -> CheckResult:
+    "Check CUDA C source (a str, or a function returning it) defining `qmatvec_q4_1`: qmatvec_q4_0's signature, Q4_1."
     def cases(backend, full):
         return [Case("33 x 96, rows_per_warp=1", _q4_1_case(backend, full, 33, 96, 1, False, 0),
                      "a weight is d·q + m; lane l takes blocks l, l + 32, ...; lane 0 writes y[row]"),
@@ -131,8 +191,8 @@ def _swiglu_case(backend, source, hidden, cols, seed):
     return run
 
 
-def check_qmatvec_swiglu(source: str, backend=None) -> CheckResult:
-    "Check CUDA C source defining `qmatvec_swiglu_q4_0(quants, d, x, out, hidden, in_features)`."
+def check_qmatvec_swiglu(source, backend=None) -> CheckResult:
+    "Check CUDA C source (a str, or a function returning it) defining `qmatvec_swiglu_q4_0`."
     def cases(backend, full):
         return [Case("hidden 5, in 64", _swiglu_case(backend, full, 5, 64, 0),
                      "warp i: gate = row i, up = row i + hidden, both over all blocks; lane 0 writes out[i]"),
