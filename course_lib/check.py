@@ -17,6 +17,7 @@ from .checks.weights import check_gguf_to_meta_name as gguf_to_meta_name, check_
 from .checks.weights import check_dequantize_q8_0 as dequantize_q8_0, check_dequantize_q4_0 as dequantize_q4_0
 from .checks.weights import check_dequantize_q4_1 as dequantize_q4_1
 from .checks.gguf_tokenizer import check_bytes_to_unicode as bytes_to_unicode, check_bpe_word as bpe_word      # 07b
+from .checks.gguf_tokenizer import check_first_misordered_merge as first_misordered_merge
 from .checks.generation import check_top_p_filter as top_p_filter                                             # 07c
 from .checks.generation import check_apply_repetition_penalty as apply_repetition_penalty
 from .checks.generation import check_apply_temperature as apply_temperature, check_top_k_filter as top_k_filter
