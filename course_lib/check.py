@@ -13,6 +13,7 @@ from .checks.attention import check_causal_mask as causal_mask, check_repeat_kv 
 from .checks.attention import check_scaled_dot_product as scaled_dot_product, check_KVCache as KVCache
 from .checks.feed_forward import check_llama_hidden_dim as llama_hidden_dim, check_FeedForward as FeedForward  # 05
 from .checks.model import check_TransformerBlock as TransformerBlock, check_count_parameters as count_parameters  # 06
+from .checks.model import check_Transformer as Transformer, check_decode_flops as decode_flops
 from .checks.weights import check_gguf_to_meta_name as gguf_to_meta_name, check_merge_meta_shards as merge_meta_shards  # 07
 from .checks.weights import check_dequantize_q8_0 as dequantize_q8_0, check_dequantize_q4_0 as dequantize_q4_0
 from .checks.weights import check_dequantize_q4_1 as dequantize_q4_1, check_dequantize_q5_0 as dequantize_q5_0
