@@ -18,14 +18,17 @@ from .checks.attention import check_merge_attention as merge_attention
 from .checks.feed_forward import check_llama_hidden_dim as llama_hidden_dim, check_FeedForward as FeedForward  # 05
 from .checks.feed_forward import check_swiglu_backward as swiglu_backward
 from .checks.model import check_TransformerBlock as TransformerBlock, check_count_parameters as count_parameters  # 06
+from .checks.model import check_Transformer as Transformer, check_decode_flops as decode_flops
 from .checks.weights import check_gguf_to_meta_name as gguf_to_meta_name, check_merge_meta_shards as merge_meta_shards  # 07
 from .checks.weights import check_dequantize_q8_0 as dequantize_q8_0, check_dequantize_q4_0 as dequantize_q4_0
-from .checks.weights import check_dequantize_q4_1 as dequantize_q4_1
+from .checks.weights import check_dequantize_q4_1 as dequantize_q4_1, check_dequantize_q5_0 as dequantize_q5_0
 from .checks.gguf_tokenizer import check_bytes_to_unicode as bytes_to_unicode, check_bpe_word as bpe_word      # 07b
+from .checks.gguf_tokenizer import check_first_misordered_merge as first_misordered_merge
 from .checks.generation import check_top_p_filter as top_p_filter                                             # 07c
 from .checks.generation import check_apply_repetition_penalty as apply_repetition_penalty
 from .checks.generation import check_apply_temperature as apply_temperature, check_top_k_filter as top_k_filter
 from .checks.cli import check_fit_conversation as fit_conversation                                            # 07d
+from .checks.cli import check_prefill_per_turn as prefill_per_turn
 from .checks.quantization import check_quantize_q8_0 as quantize_q8_0, check_quantize_q4_1 as quantize_q4_1  # 08
 from .checks.quantization import check_quantize_q4_0 as quantize_q4_0, check_perplexity as perplexity
 from .checks.fast_cpu import check_int4_scales_and_zeros as int4_scales_and_zeros                            # 08b

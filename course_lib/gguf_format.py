@@ -239,17 +239,17 @@ def _fp16(two_bytes: torch.Tensor) -> torch.Tensor:
     return two_bytes.contiguous().view(torch.float16).float()
 
 
-def _nibbles(packed: torch.Tensor) -> torch.Tensor:
-    "(n_blocks, 16) uint8 -> (n_blocks, 32) uint8: low nibbles are elements 0-15, high nibbles 16-31."
-    return torch.cat([packed & 0x0F, packed >> 4], dim=1)
-
-
 def dequantize_q8_0(blocks: torch.Tensor) -> torch.Tensor:
     "Q8_0 blocks (n_blocks, 34) uint8 -> (n_blocks, 32) float32: x = d * q, q int8."
     _check_blocks(blocks, "Q8_0")
     d = _fp16(blocks[:, :2])                                 # (n_blocks, 1)
     q = blocks[:, 2:].contiguous().view(torch.int8).float()  # (n_blocks, 32)
     return q * d
+
+# %% ../notebooks/07_weights.ipynb #a5c57fc9
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    "(n_blocks, 16) uint8 -> (n_blocks, 32) uint8: low nibbles are elements 0-15, high nibbles 16-31."
+    return torch.cat([packed & 0x0F, packed >> 4], dim=1)
 
 
 def dequantize_q4_0(blocks: torch.Tensor) -> torch.Tensor:
@@ -259,7 +259,7 @@ def dequantize_q4_0(blocks: torch.Tensor) -> torch.Tensor:
     q = _nibbles(blocks[:, 2:]).float()                      # (n_blocks, 32)
     return (q - 8) * d
 
-
+# %% ../notebooks/07_weights.ipynb #62bae6be
 def dequantize_q4_1(blocks: torch.Tensor) -> torch.Tensor:
     "Q4_1 blocks (n_blocks, 20) uint8 -> (n_blocks, 32) float32: x = d * q + m, q in 0..15."
     _check_blocks(blocks, "Q4_1")

@@ -9,6 +9,7 @@ import copy
 import dataclasses
 
 import course_lib.cli as cli
+from shortcuts import refused, source_copy
 from course_lib.generation import generate
 from course_lib.gguf_tokenizer import load_smollm2
 
@@ -294,8 +295,8 @@ def test_fit_conversation_bad_input():
 
 
 def test_checker_of_fit_conversation():
-    from course_lib import check, fit_conversation
-    assert check.fit_conversation(fit_conversation)
+    from course_lib import check
+    assert check.fit_conversation(source_copy(cli, "_drop_count", "fit_conversation")[-1])
 
     def keeps_everything(messages, count_tokens, max_tokens):
         return list(messages), 0
@@ -330,3 +331,95 @@ def test_chat_forgets_the_oldest_turns_when_the_window_is_full(smollm2, capsys, 
     assert "Berlin" in captured.out.splitlines()[-1]                 # the last question still has its context
     assert "forgot the oldest" in captured.err and "96-token window" in captured.err
     assert "error" not in captured.err
+
+
+def test_checker_of_fit_conversation_refuses_the_library():
+    from course_lib import check
+    assert refused(check.fit_conversation(cli.fit_conversation), "fit_conversation")
+
+    def via_library(messages, count_tokens, max_tokens):
+        return cli.fit_conversation(messages, count_tokens, max_tokens)
+
+    def own_loop_library_turns(messages, count_tokens, max_tokens):       # borrows only the turn-size helper
+        system = messages[:1] if messages[0]["role"] == "system" else []
+        rest, dropped = messages[len(system):], 0
+        while count_tokens(system + rest) > max_tokens:
+            if len(rest) <= 1:
+                raise ValueError("too long")
+            k = cli._drop_count(rest, 0)
+            rest, dropped = rest[k:], dropped + k
+        return system + rest, dropped
+    assert check.fit_conversation(source_copy(cli, "_drop_count", "fit_conversation")[-1])
+    assert refused(check.fit_conversation(via_library), "fit_conversation")
+    assert refused(check.fit_conversation(own_loop_library_turns), "_drop_count")
+
+
+def prefill_per_turn(system_tokens, turns, max_tokens):
+    "Exercise 2 of 07d, answered (the notebook's appendix has the same)."
+    sizes = []
+    for n, (question, _) in enumerate(turns):
+        if system_tokens + question > max_tokens:
+            raise ValueError("the system message and the question do not fit")
+        kept = [q + a for q, a in turns[:n]]
+        while system_tokens + sum(kept) + question > max_tokens:
+            kept.pop(0)
+        sizes.append(system_tokens + sum(kept) + question)
+    return sizes
+
+
+def test_checker_of_prefill_per_turn_accepts_an_answer():
+    from course_lib import check
+    assert check.prefill_per_turn(prefill_per_turn)
+
+
+def test_checker_of_prefill_per_turn_names_the_usual_mistakes():
+    from course_lib import check
+
+    def never_forgets(s, turns, m):
+        return [s + sum(q + a for q, a in turns[:n]) + turns[n][0] for n in range(len(turns))]
+
+    def no_system(s, turns, m):
+        return prefill_per_turn(0, turns, m)
+
+    def keeps_the_oldest(s, turns, m):
+        sizes = []
+        for n, (question, _) in enumerate(turns):
+            kept = [q + a for q, a in turns[:n]]
+            while s + sum(kept) + question > m:
+                kept.pop()                                   # drops the newest: wrong end
+            sizes.append(s + sum(kept) + question)
+        return sizes
+
+    def forgets_everything(s, turns, m):                    # clears the whole history once it does not fit
+        sizes, start = [], 0
+        for n, (question, _) in enumerate(turns):
+            if s + sum(q + a for q, a in turns[start:n]) + question > m:
+                start = n
+            sizes.append(s + sum(q + a for q, a in turns[start:n]) + question)
+        return sizes
+
+    def no_value_error(s, turns, m):
+        return [min(p, m) for p in never_forgets(s, turns, m)]
+    assert "never forgets" in str(check.prefill_per_turn(never_forgets))
+    assert "system message out" in str(check.prefill_per_turn(no_system))
+    assert "newest earlier turns" in str(check.prefill_per_turn(keeps_the_oldest))
+    assert not check.prefill_per_turn(forgets_everything)
+    assert "raise ValueError" in str(check.prefill_per_turn(no_value_error))
+    assert "list of ints" in str(check.prefill_per_turn(lambda s, t, m: tuple(prefill_per_turn(s, t, m))))
+
+
+def test_checker_of_prefill_per_turn_refuses_fit_conversation():
+    from course_lib import check
+
+    def via_fit_conversation(s, turns, m):
+        words = lambda k: " ".join(["w"] * k)
+        count = lambda ms: sum(len(x["content"].split()) for x in ms)
+        system = [{"role": "system", "content": words(s)}] if s else []
+        sizes, history = [], []
+        for q, a in turns:
+            kept, _ = cli.fit_conversation(system + history + [{"role": "user", "content": words(q)}], count, m)
+            sizes.append(count(kept))
+            history += [{"role": "user", "content": words(q)}, {"role": "assistant", "content": words(a)}]
+        return sizes
+    assert refused(check.prefill_per_turn(via_fit_conversation), "fit_conversation")
+

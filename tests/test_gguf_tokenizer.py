@@ -23,12 +23,13 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode as hf_bytes_to_
 from transformers.utils.chat_template_utils import render_jinja_template
 
 import course_lib.gguf_tokenizer as G
-from course_lib.checks.gguf_tokenizer import check_bpe_word, check_bytes_to_unicode
+from course_lib.checks.gguf_tokenizer import check_bpe_word, check_bytes_to_unicode, check_first_misordered_merge
 from course_lib.gguf_tokenizer import (GGUFTokenizer, bpe_word, bytes_to_unicode, load_gguf, load_smollm2,
                                        pretokenize, rank_space_merges, render_chat_template)
 from course_lib.model import Transformer
 from course_lib.tokenizer import SPLIT_PATTERN, BPE
 from course_lib.validation import trusted_inputs
+from shortcuts import refused, source_copy
 from course_lib.weights import fetch_smollm2, load_gguf_model, read_gguf
 
 SPELL = {b: c for b, c in hf_bytes_to_unicode().items()}  # transformers' copy of GPT-2's table
@@ -519,7 +520,8 @@ def test_load_smollm2_answers(hf_tok):
 # ---------------------------------------------------------------- exercise checkers
 
 def test_check_bytes_to_unicode():
-    assert check_bytes_to_unicode(bytes_to_unicode) and check_bytes_to_unicode(hf_bytes_to_unicode)
+    my_table = source_copy(G, "bytes_to_unicode")
+    assert check_bytes_to_unicode(my_table)
 
     def soft_hyphen_printable():
         printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("ÿ") + 1)]
@@ -527,7 +529,7 @@ def test_check_bytes_to_unicode():
         return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
 
     def space_kept():
-        table = bytes_to_unicode()
+        table = my_table()
         table[32] = " "
         return table
 
@@ -535,7 +537,7 @@ def test_check_bytes_to_unicode():
         return {b: chr(b) if 33 <= b <= 126 else "?" for b in range(256)}
 
     def too_short():
-        return {b: c for b, c in bytes_to_unicode().items() if b < 255}
+        return {b: c for b, c in my_table().items() if b < 255}
 
     r = check_bytes_to_unicode(soft_hyphen_printable)
     assert not r and "table[173]" in str(r) and "soft hyphen" in str(r)
@@ -550,7 +552,8 @@ def test_check_bytes_to_unicode():
 
 
 def test_check_bpe_word():
-    assert check_bpe_word(bpe_word)
+    my_bpe_word = source_copy(G, "bpe_word")
+    assert check_bpe_word(my_bpe_word)
 
     def leftmost_first(word, ranks):
         symbols = list(word)
@@ -562,7 +565,7 @@ def test_check_bpe_word():
 
     def dict_order(word, ranks):     # uses the position in the dict as the rank
         order = {pair: i for i, pair in enumerate(ranks)}
-        return bpe_word(word, order)
+        return my_bpe_word(word, order)
 
     def one_merge_only(word, ranks):
         symbols = list(word)
@@ -585,11 +588,87 @@ def test_check_bpe_word():
     assert not r
 
 
+def test_checkers_refuse_the_library_and_its_copies_elsewhere():
+    from gguf.vocab import bytes_to_unicode as gguf_bytes_to_unicode
+    from transformers.models.clvp.tokenization_clvp import bytes_to_unicode as clvp_bytes_to_unicode
+    for table in (bytes_to_unicode, hf_bytes_to_unicode, gguf_bytes_to_unicode):
+        assert refused(check_bytes_to_unicode(table), "bytes_to_unicode"), table.__module__
+    assert refused(check_bytes_to_unicode(lambda: dict(hf_bytes_to_unicode())), "bytes_to_unicode")
+    assert refused(check_bytes_to_unicode(lambda: dict(gguf_bytes_to_unicode())), "bytes_to_unicode")
+    clvp_bytes_to_unicode.cache_clear()              # an lru_cache: refused when it runs, not on a cache hit
+    assert refused(check_bytes_to_unicode(lambda: dict(clvp_bytes_to_unicode())), "bytes_to_unicode")
+
+    assert refused(check_bpe_word(bpe_word), "bpe_word")
+    assert refused(check_bpe_word(lambda word, ranks: bpe_word(word, ranks)), "bpe_word")
+
+    def via_apply_merges(merge, word, ranks):          # renumber the characters and ranks, let an encoder merge
+        symbols = sorted(set(word) | {s for pair in ranks for s in pair} | {a + b for a, b in ranks})
+        number = {s: i for i, s in enumerate(symbols)}
+        merges = {(number[a], number[b]): len(symbols) + r for (a, b), r in ranks.items() if a + b in number}
+        name = {**{i: s for s, i in number.items()},
+                **{len(symbols) + r: a + b for (a, b), r in ranks.items()}}
+        return [name[i] for i in merge([number[c] for c in word], merges)]
+    from course_lib.tokenizer import apply_merges
+    for merge in (apply_merges, G.apply_merges_heap):
+        r = check_bpe_word(lambda word, ranks: via_apply_merges(merge, word, ranks))
+        assert refused(r, merge.__name__), str(r)
+
+
+def first_misordered_merge(merges):
+    "07b's Exercise 3, answered (the notebook's appendix has the same)."
+    made = set(bytes_to_unicode().values())
+    for rank, merge in enumerate(merges):
+        left, right = merge.split(" ")
+        if left not in made or right not in made:
+            return rank
+        made.add(left + right)
+    return None
+
+
+def test_check_first_misordered_merge():
+    assert check_first_misordered_merge(first_misordered_merge)
+
+    def all_made_upfront(merges):                   # counts every merge's result as available from the start
+        made = set(bytes_to_unicode().values()) | {m.replace(" ", "") for m in merges}
+        return next((r for r, m in enumerate(merges) if not all(p in made for p in m.split(" "))), None)
+
+    def left_part_only(merges):
+        made = set(bytes_to_unicode().values())
+        for rank, merge in enumerate(merges):
+            left, right = merge.split(" ")
+            if left not in made:
+                return rank
+            made.add(left + right)
+        return None
+
+    def ascii_only_alphabet(merges):                # single characters only from printable ASCII
+        made = {chr(c) for c in range(33, 127)}
+        for rank, merge in enumerate(merges):
+            left, right = merge.split(" ")
+            if left not in made or right not in made:
+                return rank
+            made.add(left + right)
+        return None
+
+    r = check_first_misordered_merge(all_made_upfront)
+    assert not r and "the left part made later" in str(r)
+    r = check_first_misordered_merge(left_part_only)
+    assert not r and "only the right part made later" in str(r)
+    r = check_first_misordered_merge(ascii_only_alphabet)
+    assert not r and "expected None" in str(r)
+    r = check_first_misordered_merge(lambda merges: False)
+    assert not r and "an int (a rank) or None" in str(r)
+
+
+def test_first_misordered_merge_on_smollm2(gf):
+    assert first_misordered_merge(gf.metadata["tokenizer.ggml.merges"]) is None
+
+
 def test_checkers_on_stubs_and_non_callables():
     def stub(*args):
         raise NotImplementedError
 
-    for checker in (check_bytes_to_unicode, check_bpe_word):
+    for checker in (check_bytes_to_unicode, check_bpe_word, check_first_misordered_merge):
         r = checker(stub)
         rest = "the other case was not run" if r.n_cases == 2 else f"the other {r.n_cases - 1} cases were not run"
         assert not r and len(r.failures) == 1 and f"raised NotImplementedError, so {rest}" in str(r)

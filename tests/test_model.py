@@ -16,8 +16,11 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRot
 from course_lib import (PRESETS, ModelArgs, Transformer, TransformerBlock, args_from_hf_config,
                         count_parameters, permute_meta_to_hf, precompute_freqs_cis)
 from course_lib.attention import causal_mask
-from course_lib.checks.model import check_count_parameters, check_TransformerBlock
+from course_lib.checks.model import check_count_parameters, check_decode_flops, check_Transformer, check_TransformerBlock
 from course_lib.model import parameter_breakdown
+import course_lib.model as M
+from course_lib.decoding import validate_decode_input
+from shortcuts import refused, source_copy
 
 SMALL = dict(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=40, max_seq_len=16)
 
@@ -257,25 +260,28 @@ def test_args_from_hf_config_rejects_other_activations():
 
 # ---------------------------------------------------------------- check_TransformerBlock
 
-class PostNorm(TransformerBlock):
+# copies of the reference (what a student who retyped it hands in): the checkers switch off the library's own
+MyBlock = source_copy(M, "TransformerBlock")
+
+class PostNorm(MyBlock):
     def forward(self, x, start_pos, freqs_cis, mask=None):
         h = self.attention_norm(x + self.attention(x, start_pos, freqs_cis, mask))
         return self.ffn_norm(h + self.feed_forward(h))
 
 
-class NoAttentionResidual(TransformerBlock):
+class NoAttentionResidual(MyBlock):
     def forward(self, x, start_pos, freqs_cis, mask=None):
         h = self.attention(self.attention_norm(x), start_pos, freqs_cis, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-class OneNormForBoth(TransformerBlock):
+class OneNormForBoth(MyBlock):
     def forward(self, x, start_pos, freqs_cis, mask=None):
         h = x + self.attention(self.attention_norm(x), start_pos, freqs_cis, mask)
         return h + self.feed_forward(self.attention_norm(h))
 
 
-class IgnoresMask(TransformerBlock):
+class IgnoresMask(MyBlock):
     def forward(self, x, start_pos, freqs_cis, mask=None):
         h = x + self.attention(self.attention_norm(x), start_pos, freqs_cis, None)
         return h + self.feed_forward(self.ffn_norm(h))
@@ -284,14 +290,14 @@ class IgnoresMask(TransformerBlock):
 class OtherNames(nn.Module):
     def __init__(self, layer_id, args):
         super().__init__()
-        self.block = TransformerBlock(layer_id, args)
+        self.block = MyBlock(layer_id, args)
 
     def forward(self, x, start_pos, freqs_cis, mask=None):
         return self.block(x, start_pos, freqs_cis, mask)
 
 
-def test_check_block_passes_course_block():
-    result = check_TransformerBlock(TransformerBlock)
+def test_check_block_passes_a_copy_of_the_course_block():
+    result = check_TransformerBlock(MyBlock)
     assert result and "passed all 3 cases" in str(result)
 
 
@@ -312,7 +318,7 @@ def test_check_block_leaves_global_rng_alone():
     torch.manual_seed(7)
     expected = torch.rand(3)
     torch.manual_seed(7)
-    check_TransformerBlock(TransformerBlock)
+    check_TransformerBlock(MyBlock)
     assert torch.equal(torch.rand(3), expected)
 
 
@@ -322,26 +328,200 @@ def _kv(args):
     return args.n_kv_heads * args.head_dim
 
 
-def test_check_count_passes_course_function():
-    assert check_count_parameters(count_parameters)
+my_count_parameters = source_copy(M, "parameter_breakdown", "count_parameters")[-1]
+
+
+def test_check_count_passes_a_copy_of_the_course_function():
+    assert check_count_parameters(my_count_parameters)
 
 
 @pytest.mark.parametrize("wrong,says", [
-    (lambda a: count_parameters(replace(a, tie_embeddings=False)),
+    (lambda a: my_count_parameters(replace(a, tie_embeddings=False)),
      ["preset 'smollm2-135m'", "expected 134,515,008, got 162,826,560 (difference +28,311,552)", "tied"]),
-    (lambda a: count_parameters(a) + 2 * a.n_layers * a.dim * (a.dim - _kv(a)),  # wk, wv as dim × dim
+    (lambda a: my_count_parameters(a) + 2 * a.n_layers * a.dim * (a.dim - _kv(a)),  # wk, wv as dim × dim
      ["preset 'llama-2-70b'", "expected 68,976,648,192", "GQA is ignored"]),
-    (lambda a: count_parameters(a) - 2 * a.n_layers * a.dim - a.dim,
+    (lambda a: my_count_parameters(a) - 2 * a.n_layers * a.dim - a.dim,
      ["preset 'llama-2-7b'", "difference -266,240", "RMSNorm weights are missing"]),
-    (lambda a: count_parameters(a) + 3 * a.n_layers * a.dim * (4 * a.dim - a.ffn_hidden_dim),  # hidden = 4·dim
+    (lambda a: my_count_parameters(a) + 3 * a.n_layers * a.dim * (4 * a.dim - a.ffn_hidden_dim),  # hidden = 4·dim
      ["preset 'llama-2-13b'", "feed-forward size is wrong: your count implies 20480 per layer, this config has 13824"]),
-    (lambda a: float(count_parameters(a)), ["returned float", "exact Python int"]),
+    (lambda a: float(my_count_parameters(a)), ["returned float", "exact Python int"]),
 ])
 def test_check_count_catches_mistakes(wrong, says):
     result = check_count_parameters(wrong)
     assert not result
     for s in says:
         assert s in str(result), s
+
+
+def test_check_count_refuses_building_a_model_and_the_course_helpers():
+    "The exercise says 'without building a model': a model on the meta device is refused, like any module."
+    def on_meta(args):
+        with torch.device("meta"):
+            return sum(p.numel() for p in Transformer(args).parameters())
+
+    def own_modules_on_meta(args):                     # no course class at all: torch's own modules
+        with torch.device("meta"):
+            layer = nn.Linear(args.dim, args.dim, bias=False)
+        return my_count_parameters(args) + 0 * layer.weight.numel()
+
+    def breakdown(args):
+        return sum(parameter_breakdown(args).values())
+    assert refused(check_count_parameters(on_meta), "Module.__init__")
+    assert refused(check_count_parameters(own_modules_on_meta), "Module.__init__")
+    assert refused(check_count_parameters(breakdown), "parameter_breakdown")
+    assert refused(check_count_parameters(count_parameters), "count_parameters")
+    assert refused(check_count_parameters(lambda a: M.model_bytes(a) // 4), "count_parameters")
+
+
+def test_check_block_refuses_the_course_block():
+    assert refused(check_TransformerBlock(TransformerBlock), "TransformerBlock")
+
+    class Subclass(TransformerBlock):
+        pass
+
+    class Wrapper(nn.Module):                          # right names, but the course block does the work
+        def __init__(self, layer_id, args):
+            super().__init__()
+            inner = TransformerBlock(layer_id, args)
+            self.attention, self.feed_forward = inner.attention, inner.feed_forward
+            self.attention_norm, self.ffn_norm = inner.attention_norm, inner.ffn_norm
+
+        def forward(self, x, start_pos, freqs_cis, mask=None):
+            return TransformerBlock.forward(self, x, start_pos, freqs_cis, mask)
+    assert refused(check_TransformerBlock(Subclass), "TransformerBlock")
+    assert refused(check_TransformerBlock(Wrapper), "TransformerBlock")
+
+
+# ---------------------------------------------------------------- check_Transformer
+
+MyModel = source_copy(M, "Transformer")
+
+
+def test_check_transformer_passes_a_copy_of_the_course_model():
+    result = check_Transformer(MyModel)
+    assert result and "passed all 5 cases" in str(result)
+
+
+def test_check_transformer_leaves_global_rng_alone():
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    check_Transformer(MyModel)
+    assert torch.equal(torch.rand(3), expected)
+
+
+class NoCacheLen(MyModel):                             # forgets to record what the caches hold
+    def forward(self, tokens, start_pos=0, last_only=False):
+        cache_len = self.cache_len
+        out = super().forward(tokens, start_pos, last_only)
+        self.cache_len = cache_len if start_pos else 0
+        return out
+
+
+class RotationsFromZero(MyModel):                      # every call rotates as if it started at position 0
+    def forward(self, tokens, start_pos=0, last_only=False):
+        table = self.freqs_cis
+        self.freqs_cis = torch.cat([table[start_pos:], table[:start_pos]])
+        try:
+            return super().forward(tokens, start_pos, last_only)
+        finally:
+            self.freqs_cis = table
+
+
+class MaskFromZero(MyModel):                           # causal_mask(seq) after cached positions: wrong width
+    def forward(self, tokens, start_pos=0, last_only=False):
+        validate_decode_input(self, tokens, start_pos)
+        seq = tokens.shape[1]
+        h = self.tok_embeddings(tokens.long())
+        mask = causal_mask(seq) if seq > 1 else None
+        for layer in self.layers:
+            h = layer(h, start_pos, self.freqs_cis[start_pos:start_pos + seq], mask)
+        self.cache_len, self.cache_batch_size = start_pos + seq, tokens.shape[0]
+        return self.output(self.norm(h[:, -1:] if last_only else h)).float()
+
+
+class IgnoresLastOnly(MyModel):
+    def forward(self, tokens, start_pos=0, last_only=False):
+        return super().forward(tokens, start_pos, False)
+
+
+class ModelDtypeLogits(MyModel):                       # returns bfloat16 logits for a bfloat16 model
+    def forward(self, tokens, start_pos=0, last_only=False):
+        return super().forward(tokens, start_pos, last_only).to(self.output.weight.dtype)
+
+
+@pytest.mark.parametrize("candidate,says", [
+    (NoCacheLen, ["decode steps", "leaves a gap"]),
+    (RotationsFromZero, ["decode steps", "logits of positions 6..6"]),
+    (MaskFromZero, ["chunked prefill", "raised"]),
+    (IgnoresLastOnly, ["last_only=True", "shape (2, 7, 40), expected (2, 1, 40)"]),
+    (ModelDtypeLogits, ["bfloat16", "dtype torch.bfloat16, expected torch.float32"]),
+])
+def test_check_transformer_catches_mistakes(candidate, says):
+    result = check_Transformer(candidate)
+    assert not result, str(result)
+    for s in says:
+        assert s in str(result), (s, str(result))
+
+
+def test_check_transformer_refuses_the_course_model():
+    assert refused(check_Transformer(Transformer), "Transformer")
+
+    class Subclass(Transformer):
+        pass
+
+    class Borrows(MyModel):                            # the course's forward on the candidate's modules
+        def forward(self, tokens, start_pos=0, last_only=False):
+            return Transformer.forward(self, tokens, start_pos, last_only)
+    assert refused(check_Transformer(Subclass), "Transformer")
+    assert refused(check_Transformer(Borrows), "Transformer")
+
+
+# ---------------------------------------------------------------- check_decode_flops (exercise 3)
+
+def decode_flops(args, pos):
+    "06's Exercise 3, answered (the notebook's appendix has the same)."
+    d, L, kv_dim = args.dim, args.n_layers, args.n_kv_heads * args.head_dim
+    matmul_weights = L * (2 * d * d + 2 * d * kv_dim + 3 * d * args.ffn_hidden_dim) + args.vocab_size * d
+    return 2 * matmul_weights + 4 * L * d * (pos + 1)
+
+
+def test_check_decode_flops_accepts_an_answer():
+    assert check_decode_flops(decode_flops)
+
+
+def _attention(a, pos):
+    return 4 * a.n_layers * a.dim * (pos + 1)
+
+
+@pytest.mark.parametrize("wrong,says", [
+    (lambda a, p: decode_flops(a, p) - (2 * a.vocab_size * a.dim if a.tie_embeddings else 0),
+     ["smollm2-135m", "output layer's product is missing"]),
+    (lambda a, p: decode_flops(a, p) + 2 * a.vocab_size * a.dim, ["embedding lookup is counted"]),
+    (lambda a, p: decode_flops(a, p) - _attention(a, p), ["attention over the cache is missing"]),
+    (lambda a, p: decode_flops(a, p) - 4 * a.n_layers * a.dim, ["it sees itself too: pos + 1"]),
+    (lambda a, p: decode_flops(a, p) - _attention(a, p) + _attention(a, p) * a.n_kv_heads // a.n_heads,
+     ["llama-2-70b", "counted for the K/V heads only"]),
+    (lambda a, p: decode_flops(a, p) // 2, ["one FLOP per multiply-add"]),
+    (lambda a, p: float(decode_flops(a, p)), ["exact Python int"]),
+])
+def test_check_decode_flops_names_the_usual_mistakes(wrong, says):
+    result = check_decode_flops(wrong)
+    assert not result
+    for s in says:
+        assert s in str(result), (s, str(result))
+
+
+def test_check_decode_flops_refuses_measuring_a_model():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def measured(args, pos):
+        with FlopCounterMode(display=False) as counter:
+            Transformer(args)(torch.zeros(1, 1, dtype=torch.long))
+        return counter.get_total_flops()
+    assert refused(check_decode_flops(measured), "FlopCounterMode")
+    assert refused(check_decode_flops(lambda a, p: sum(x.numel() for x in Transformer(a).parameters())),
+                   "Module.__init__")
 
 
 # ---------------------------------------------------------------- inputs checked once, at the entry

@@ -16,6 +16,7 @@ import torch
 gguf = pytest.importorskip("gguf")
 
 import course_lib.gguf_format as GF
+from shortcuts import refused, source_copy
 import course_lib.weights as W
 from course_lib.checks.weights import (check_dequantize_q4_0, check_dequantize_q4_1, check_dequantize_q8_0,
                                        check_gguf_to_meta_name, check_merge_meta_shards)
@@ -653,7 +654,15 @@ def test_python_m_course_lib(tmp_path, smollm2_path):
 
 # ---------------------------------------------------------------- exercise checkers
 
+# copies of the reference (what a student who retyped it hands in): the checkers switch off the library's own
+my_fp16, my_nibbles, my_q8_0, my_q4_0, my_q4_1 = source_copy(GF, "_fp16", "_nibbles", "dequantize_q8_0",
+                                                             "dequantize_q4_0", "dequantize_q4_1")
+my_gguf_to_meta_name = source_copy(W, "gguf_to_meta_name")
+my_merge_meta_shards = source_copy(W, "merge_meta_shards")
+
+
 def test_check_gguf_to_meta_name():
+    gguf_to_meta_name = my_gguf_to_meta_name
     assert check_gguf_to_meta_name(gguf_to_meta_name)
     def swapped_up_down(name):
         return gguf_to_meta_name(name.replace("ffn_up", "TMP").replace("ffn_down", "ffn_up").replace("TMP", "ffn_down"))
@@ -678,21 +687,22 @@ def test_check_gguf_to_meta_name():
 
 
 def test_check_dequantize_q4_1():
+    dequantize_q4_1 = my_q4_1
     assert check_dequantize_q4_1(dequantize_q4_1)
     def interleaved(blocks):
-        d, m = GF._fp16(blocks[:, :2]), GF._fp16(blocks[:, 2:4])
+        d, m = my_fp16(blocks[:, :2]), my_fp16(blocks[:, 2:4])
         qs = blocks[:, 4:]
         return torch.stack([qs & 15, qs >> 4], dim=2).reshape(-1, 32).float() * d + m
     r = check_dequantize_q4_1(interleaved)
     assert not r and "the nibbles are interleaved" in str(r)
     def q4_0_formula(blocks):
-        d = GF._fp16(blocks[:, :2])
-        return (GF._nibbles(blocks[:, 4:]).float() - 8) * d
+        d = my_fp16(blocks[:, :2])
+        return (my_nibbles(blocks[:, 4:]).float() - 8) * d
     r = check_dequantize_q4_1(q4_0_formula)
     assert not r and "Q4_0's formula" in str(r)
     def swapped_d_m(blocks):
-        d, m = GF._fp16(blocks[:, 2:4]), GF._fp16(blocks[:, :2])
-        return GF._nibbles(blocks[:, 4:]).float() * d + m
+        d, m = my_fp16(blocks[:, 2:4]), my_fp16(blocks[:, :2])
+        return my_nibbles(blocks[:, 4:]).float() * d + m
     r = check_dequantize_q4_1(swapped_d_m)
     assert not r and "d and m are swapped" in str(r)
     r = check_dequantize_q4_1(lambda blocks: dequantize_q4_1(blocks).half())
@@ -703,7 +713,7 @@ def test_check_dequantize_q4_1():
 
 
 def _via_gguf(ggml_type):
-    "An independent dequantizer: the gguf package's numpy reference."
+    "The gguf package's numpy dequantizer, which would answer the exercise outright."
     def f(blocks):
         if not len(blocks):
             return torch.zeros(0, 32)
@@ -713,14 +723,14 @@ def _via_gguf(ggml_type):
 
 
 def test_check_dequantize_q8_0():
+    dequantize_q8_0 = my_q8_0
     assert check_dequantize_q8_0(dequantize_q8_0)
-    assert check_dequantize_q8_0(_via_gguf("Q8_0"))
     def unsigned(blocks):
-        return blocks[:, 2:].float() * GF._fp16(blocks[:, :2])
+        return blocks[:, 2:].float() * my_fp16(blocks[:, :2])
     r = check_dequantize_q8_0(unsigned)
     assert not r and "the values are read as uint8" in str(r) and "got 255, expected -1" in str(r)
     def big_endian(blocks):
-        return blocks[:, 2:].contiguous().view(torch.int8).float() * GF._fp16(blocks[:, [1, 0]])
+        return blocks[:, 2:].contiguous().view(torch.int8).float() * my_fp16(blocks[:, [1, 0]])
     r = check_dequantize_q8_0(big_endian)
     assert not r and "d is read big-endian" in str(r)
     def integer_d(blocks):
@@ -735,27 +745,27 @@ def test_check_dequantize_q8_0():
 
 
 def test_check_dequantize_q4_0():
+    dequantize_q4_0 = my_q4_0
     assert check_dequantize_q4_0(dequantize_q4_0)
-    assert check_dequantize_q4_0(_via_gguf("Q4_0"))
     def interleaved(blocks):
         qs = blocks[:, 2:]
-        return (torch.stack([qs & 15, qs >> 4], dim=2).reshape(-1, 32).float() - 8) * GF._fp16(blocks[:, :2])
+        return (torch.stack([qs & 15, qs >> 4], dim=2).reshape(-1, 32).float() - 8) * my_fp16(blocks[:, :2])
     r = check_dequantize_q4_0(interleaved)
     assert not r and "the nibbles are interleaved" in str(r)
     def no_offset(blocks):
-        return GF._nibbles(blocks[:, 2:]).float() * GF._fp16(blocks[:, :2])
+        return my_nibbles(blocks[:, 2:]).float() * my_fp16(blocks[:, :2])
     r = check_dequantize_q4_0(no_offset)
     assert not r and "the -8 is missing" in str(r)
     def signed_nibbles(blocks):
-        q = GF._nibbles(blocks[:, 2:]).float()
-        return torch.where(q >= 8, q - 16, q) * GF._fp16(blocks[:, :2])
+        q = my_nibbles(blocks[:, 2:]).float()
+        return torch.where(q >= 8, q - 16, q) * my_fp16(blocks[:, :2])
     r = check_dequantize_q4_0(signed_nibbles)
     assert not r and "signed 4-bit" in str(r)
     def q4_1_layout(blocks):  # nibbles from byte 4, as if there were an m
         n = len(blocks)
         q = torch.cat([blocks[:, 4:] & 15, torch.zeros(n, 2, dtype=torch.uint8), blocks[:, 4:] >> 4,
                        torch.zeros(n, 2, dtype=torch.uint8)], 1)
-        return (q.float()) * GF._fp16(blocks[:, :2])
+        return (q.float()) * my_fp16(blocks[:, :2])
     r = check_dequantize_q4_0(q4_1_layout)
     assert not r and "Q4_1's layout" in str(r)
     r = check_dequantize_q4_0(lambda blocks: dequantize_q4_0(blocks)[:, :16])
@@ -763,6 +773,7 @@ def test_check_dequantize_q4_0():
 
 
 def test_check_merge_meta_shards():
+    merge_meta_shards = my_merge_meta_shards
     assert check_merge_meta_shards(merge_meta_shards)
     def all_rows(shards):
         return {k: torch.cat([s[k] for s in shards]) if len(shards) > 1 else shards[0][k] for k in shards[0]}
@@ -775,6 +786,38 @@ def test_check_merge_meta_shards():
     assert not r and "is replicated" in str(r)
     r = check_merge_meta_shards(lambda shards: {k: v for k, v in merge_meta_shards(shards).items() if k != "rope.freqs"})
     assert not r and "has no 'rope.freqs'" in str(r)
+
+
+def test_checkers_refuse_the_library_and_the_gguf_package():
+    assert refused(check_gguf_to_meta_name(gguf_to_meta_name), "gguf_to_meta_name")
+    assert refused(check_merge_meta_shards(merge_meta_shards), "merge_meta_shards")
+    assert refused(check_merge_meta_shards(lambda shards: dict(merge_meta_shards(shards))), "merge_meta_shards")
+
+    def by_inverting(name):                        # builds the table from the library's inverse mapping
+        metas = [f"layers.{i}.{kind}.weight" for i in range(30) for kind in W._GGUF_TO_META.values()]
+        metas += [f"{kind}.weight" for kind in W._GGUF_TO_META_TOP.values()]
+        inverse = {W._meta_to_gguf_name(meta): meta for meta in metas}
+        if name not in inverse:
+            raise ValueError(f"unknown GGUF tensor name {name!r}")
+        return inverse[name]
+    assert refused(check_gguf_to_meta_name(by_inverting), "_meta_to_gguf_name")
+    checkers = {"Q8_0": (check_dequantize_q8_0, dequantize_q8_0), "Q4_0": (check_dequantize_q4_0, dequantize_q4_0),
+                "Q4_1": (check_dequantize_q4_1, dequantize_q4_1)}
+    for ggml_type, (checker, library) in checkers.items():
+        assert refused(checker(library), library.__name__)
+        assert refused(checker(lambda blocks: library(blocks) + 0), library.__name__)
+        assert refused(checker(_via_gguf(ggml_type)), "dequantize"), ggml_type
+        n = GF.GGML_BLOCKS[ggml_type][1]
+        assert refused(checker(lambda b: GF.dequantize_gguf_tensor(b.numpy(), ggml_type, (len(b), 32))),
+                       "dequantize_gguf_tensor")
+        block_class = getattr(gguf.quants, ggml_type)
+        via_blocks = lambda b: torch.from_numpy(block_class.dequantize_blocks(b.numpy().reshape(-1, n))).float()
+        assert refused(checker(via_blocks), "dequantize_blocks"), ggml_type
+    # the helpers that do the work are switched off too: fp16 scales read by the library's _fp16
+    assert refused(check_dequantize_q8_0(lambda b: b[:, 2:].contiguous().view(torch.int8).float() * GF._fp16(b[:, :2])),
+                   "_fp16")
+    assert refused(check_dequantize_q4_0(lambda b: (GF._nibbles(b[:, 2:]).float() - 8) * my_fp16(b[:, :2])),
+                   "_nibbles")
 
 
 def test_hf_folder_loads_what_transformers_loads(tmp_path):
@@ -832,3 +875,56 @@ def test_meta_shards_that_disagree_and_a_flat_embedding_are_named(tmp_path):
     torch.save({**sd, "tok_embeddings.weight": torch.tensor(1.0)}, one / "consolidated.00.pth")
     with pytest.raises(ValueError, match=r"'tok_embeddings.weight' has shape \(\); it must be \(vocab_size, dim\)"):
         load_meta_checkpoint(one)
+
+
+def dequantize_q5_0(blocks):
+    "07's Exercise 4, answered (the notebook's appendix has the same)."
+    d = blocks[:, :2].contiguous().view(torch.float16).float()
+    b = blocks[:, 2:6].to(torch.int64)
+    qh = b[:, :1] | b[:, 1:2] << 8 | b[:, 2:3] << 16 | b[:, 3:4] << 24
+    fifth = (qh >> torch.arange(32)) & 1
+    low = torch.cat([blocks[:, 6:] & 0x0F, blocks[:, 6:] >> 4], dim=1)
+    return ((low.to(torch.int64) | fifth << 4) - 16).float() * d
+
+
+def test_q5_0_reference_matches_the_gguf_package():
+    from course_lib.checks.weights import _dequantize_q5_0, _pack_q5_0
+    blocks = torch.randint(0, 256, (200, 22), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    blocks[:, 1] &= 0x7B                                    # a finite fp16 scale (exponent below 31)
+    expected = gguf.quants.dequantize(blocks.numpy().reshape(-1), gguf.GGMLQuantizationType.Q5_0).reshape(-1, 32)
+    assert torch.equal(_dequantize_q5_0(blocks), torch.from_numpy(np.ascontiguousarray(expected)).float())
+    q = torch.randint(0, 32, (5, 32), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(_dequantize_q5_0(_pack_q5_0(torch.ones(5), q)), (q - 16).float())
+
+
+def test_check_dequantize_q5_0():
+    from course_lib.checks.weights import check_dequantize_q5_0
+    assert check_dequantize_q5_0(dequantize_q5_0)
+
+    def parts(blocks):
+        d = my_fp16(blocks[:, :2])
+        b = blocks[:, 2:6].to(torch.int64)
+        qh = b[:, :1] | b[:, 1:2] << 8 | b[:, 2:3] << 16 | b[:, 3:4] << 24
+        low = torch.cat([blocks[:, 6:] & 0x0F, blocks[:, 6:] >> 4], dim=1).to(torch.int64)
+        return d, qh, low
+    def no_fifth_bit(blocks):
+        d, qh, low = parts(blocks)
+        return (low - 16).float() * d
+    def no_offset(blocks):
+        d, qh, low = parts(blocks)
+        return (low | ((qh >> torch.arange(32)) & 1) << 4).float() * d
+    def bits_from_the_top(blocks):
+        d, qh, low = parts(blocks)
+        return ((low | ((qh >> (31 - torch.arange(32))) & 1) << 4) - 16).float() * d
+    def contiguous_view(blocks):                           # fails on one block: the int32 view is misaligned
+        d, _, low = parts(blocks)
+        qh = blocks[:, 2:6].contiguous().view(torch.int32).to(torch.int64)
+        return ((low | ((qh >> torch.arange(32)) & 1) << 4) - 16).float() * d
+    assert "fifth bits are left out" in str(check_dequantize_q5_0(no_fifth_bit))
+    assert "16 is not subtracted" in str(check_dequantize_q5_0(no_offset))
+    assert "read from the top" in str(check_dequantize_q5_0(bits_from_the_top))
+    r = check_dequantize_q5_0(contiguous_view)
+    assert not r and "must be divisible by 4" in str(r)
+    via_gguf = lambda b: torch.from_numpy(gguf.quants.dequantize(b.numpy().reshape(-1), gguf.GGMLQuantizationType.Q5_0)
+                                          .reshape(-1, 32).copy()).float()
+    assert refused(check_dequantize_q5_0(via_gguf), "dequantize")
