@@ -26,6 +26,6 @@ from .checks.cli import check_fit_conversation as fit_conversation              
 from .checks.quantization import check_quantize_q8_0 as quantize_q8_0, check_quantize_q4_1 as quantize_q4_1  # 08
 from .checks.quantization import check_quantize_q4_0 as quantize_q4_0, check_perplexity as perplexity
 from .checks.fast_cpu import check_int4_scales_and_zeros as int4_scales_and_zeros                            # 08b
-from .checks.fast_cpu import check_repack_rows8 as repack_rows8
+from .checks.fast_cpu import check_repack_rows8 as repack_rows8, check_q4_0_to_q4_1 as q4_0_to_q4_1
 from .checks.cuda import check_qmatvec_q4_1 as qmatvec_q4_1, check_qmatvec_swiglu as qmatvec_swiglu     # 09
 from .checks.gpu_decoder import check_add_rms_norm as add_rms_norm                                          # 09b

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 gguf = pytest.importorskip("gguf")
 
 from course_lib.model import ModelArgs, Transformer, from_hf
-from course_lib.checks.fast_cpu import check_int4_scales_and_zeros, check_repack_rows8
+from course_lib.checks.fast_cpu import check_int4_scales_and_zeros, check_q4_0_to_q4_1, check_repack_rows8
 from course_lib.checks.quantization import (check_perplexity, check_quantize_q4_0, check_quantize_q4_1,
                                             check_quantize_q8_0)
 from course_lib.evaluation import compare_models, logit_metrics, matching_prefix, perplexity
@@ -28,6 +28,7 @@ from course_lib.quant_model import (QuantEmbedding, QuantLinear, export_gguf, lo
                                     save_quantized, set_matmul, weight_bytes)
 from course_lib.generation import generate_tokens
 from course_lib.weights import fetch_smollm2, load_gguf_model, read_gguf
+from shortcuts import refused, source_copy
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 ROOT = Path(__file__).resolve().parents[1]
@@ -477,24 +478,86 @@ def test_int4_matmul_repr_and_scales_and_zeros():
         int4_scales_and_zeros(quantize(w, "q8_0"), "q8_0")
 
 
+def fast_cpu_copies():
+    "Fresh copies of 08b's answers (what a student who retyped them hands in); the checkers refuse the originals."
+    import course_lib.c_step
+    import course_lib.fast_cpu
+    return (source_copy(course_lib.fast_cpu, "int4_scales_and_zeros"), source_copy(course_lib.c_step, "repack_rows8"))
+
+
 def test_fast_cpu_checkers_pass_the_course_and_catch_mistakes():
-    assert check_int4_scales_and_zeros(int4_scales_and_zeros) and check_repack_rows8(repack_rows8)
+    own_scales, own_repack = fast_cpu_copies()
+    assert check_int4_scales_and_zeros(own_scales) and check_repack_rows8(own_repack)
 
     def zero_is_m(blocks, scheme):
-        sz = int4_scales_and_zeros(blocks, scheme)
+        sz = own_scales(blocks, scheme)
         return torch.stack([sz[:, 0], sz[:, 1] - 8 * sz[:, 0]], dim=1)
     assert "zero is m: the kernel computes" in str(check_int4_scales_and_zeros(zero_is_m))
     assert "should be a torch.Tensor" in str(check_int4_scales_and_zeros(lambda b, s: [1.0, 2.0]))
 
     def no_sign_flip(blocks, scheme):
-        out = repack_rows8(blocks, scheme)
+        out = own_repack(blocks, scheme)
         if scheme == "q8_0":
             out[..., 16:] ^= 0x80
         return out
     result = check_repack_rows8(no_sign_flip)
     assert not result and "q8_0: group 0, block 0, byte 16" in str(result) and "flip the sign bit" in str(result)
-    unpadded = check_repack_rows8(lambda b, s: repack_rows8(b, s)[: len(b) // 8])
+    unpadded = check_repack_rows8(lambda b, s: own_repack(b, s)[: len(b) // 8])
     assert not unpadded and "shape" in str(unpadded)
+
+
+def test_fast_cpu_checkers_refuse_the_library_answers():
+    "Issue 16: the library's own int4_scales_and_zeros and repack_rows8 (and to_int4pack, which computes the former) are switched off."
+    from course_lib.c_step import repack_rows8
+    assert refused(check_int4_scales_and_zeros(int4_scales_and_zeros), "is course_lib.fast_cpu.int4_scales_and_zeros itself")
+    assert refused(check_repack_rows8(repack_rows8), "is course_lib.c_step.repack_rows8 itself")
+    assert refused(check_int4_scales_and_zeros(lambda b, s: int4_scales_and_zeros(b, s)), "course_lib.fast_cpu.int4_scales_and_zeros")
+    assert refused(check_repack_rows8(lambda b, s: repack_rows8(b, s)), "course_lib.c_step.repack_rows8")
+
+    def via_to_int4pack(blocks, scheme):       # the kernel's layout, transposed back: the same numbers
+        _, sz = to_int4pack(blocks, scheme, (len(blocks), 32), dtype=torch.float32)
+        return sz[0]
+    assert refused(check_int4_scales_and_zeros(via_to_int4pack), "course_lib.fast_cpu.to_int4pack")
+
+
+def test_check_q4_0_to_q4_1():
+    "08b's Exercise 3, which the reading edition does not show: Q4_0 blocks rewritten as Q4_1, exactly."
+    def answer(blocks):
+        d = blocks[:, :2].contiguous().view(torch.float16)
+        return torch.cat([blocks[:, :2], (-8 * d.float()).half().view(torch.uint8), blocks[:, 2:]], dim=1)
+    assert check_q4_0_to_q4_1(answer)
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+    b0 = quantize(w, "q4_0")
+    assert torch.equal(dequantize(b0, "q4_0", w.shape), dequantize(answer(b0.reshape(-1, 18)).reshape(8, -1), "q4_1", w.shape))
+
+    def plus_8d(blocks):
+        out = answer(blocks)
+        out[:, 2:4] = (8 * blocks[:, :2].contiguous().view(torch.float16).float()).half().view(torch.uint8)
+        return out
+
+    def m_first(blocks):
+        out = answer(blocks)
+        return torch.cat([out[:, 2:4], out[:, :2], out[:, 4:]], dim=1)
+
+    def requantized(blocks):
+        from course_lib.gguf_format import dequantize_q4_0
+        return _copy_quantize_q4_1()(dequantize_q4_0(blocks))
+
+    def shifted_nibbles(blocks):                       # moves the -8 into the nibbles: no longer 0..15
+        out = answer(blocks)
+        out[:, 4:] = out[:, 4:] ^ 0x88
+        return out
+    for wrong, message in [(plus_8d, "m = +8d"), (m_first, "writes m before d"), (requantized, "requantizes"),
+                           (shifted_nibbles, "bytes differ"), (lambda b: b, "shape")]:
+        result = check_q4_0_to_q4_1(wrong)
+        assert not result and message in str(result), (message, str(result))
+    from course_lib.checks.fast_cpu import _q4_0_to_q4_1_reference
+    assert refused(check_q4_0_to_q4_1(lambda b: _q4_0_to_q4_1_reference(b)), "_q4_0_to_q4_1_reference")
+
+
+def _copy_quantize_q4_1():
+    import course_lib.quant_formats as module
+    return source_copy(module, "round_half_away", "_reciprocal", "_fp16_bytes", "_pack_nibbles", "quantize_q4_1")[-1]
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
