@@ -25,6 +25,7 @@ from .checks.generation import check_apply_presence_frequency_penalty as apply_p
 from .checks.cli import check_fit_conversation as fit_conversation                                            # 07d
 from .checks.quantization import check_quantize_q8_0 as quantize_q8_0, check_quantize_q4_1 as quantize_q4_1  # 08
 from .checks.quantization import check_quantize_q4_0 as quantize_q4_0, check_perplexity as perplexity
+from .checks.quantization import check_quantize_q5_0 as quantize_q5_0
 from .checks.fast_cpu import check_int4_scales_and_zeros as int4_scales_and_zeros                            # 08b
 from .checks.fast_cpu import check_repack_rows8 as repack_rows8, check_q4_0_to_q4_1 as q4_0_to_q4_1
 from .checks.cuda import check_qmatvec_q4_1 as qmatvec_q4_1, check_qmatvec_swiglu as qmatvec_swiglu     # 09

@@ -30,7 +30,7 @@ dequantize_q8_0 gguf_to_meta_name llama_hidden_dim merge_meta_shards merge_pair 
 perplexity precompute_freqs_cis qmatvec_q4_1 qmatvec_swiglu quantize_q4_0 quantize_q4_1 quantize_q8_0
 repeat_kv rms_norm rms_norm_backward scaled_dot_product top_k_filter top_p_filter fit_conversation
 int4_scales_and_zeros repack_rows8
-min_p_filter apply_presence_frequency_penalty q4_0_to_q4_1
+min_p_filter apply_presence_frequency_penalty q4_0_to_q4_1 quantize_q5_0
 """.split()
 
 
