@@ -808,10 +808,7 @@ def test_check_quantize_q5_0():
     "08's Exercise 1, which the reading edition does not show: accepted from scratch, typical mistakes named."
     assert check_quantize_q5_0(_q5_0)
 
-    def swap(fn):                                   # _q5_0 with one piece replaced
-        return fn
-    def absmax(x):
-        out = _q5_0(x)
+    def absmax(x):                                  # the magnitude alone, without the sign
         d = x.abs().amax(1, keepdim=True) / -16
         q = (x * torch.where(d == 0, 0.0, 1 / d) + 16.5).trunc().clamp(0, 31).to(torch.uint8)
         qh = ((q >> 4).reshape(-1, 4, 8).int() << torch.arange(8)).sum(-1).to(torch.uint8)
