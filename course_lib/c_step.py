@@ -25,7 +25,7 @@ from .model import Transformer
 from .quant_formats import _check_scheme, block_bytes, block_size
 from .gguf_format import GGML_BLOCKS
 
-
+# %% ../notebooks/08b_fast_cpu.ipynb #acff23e3
 def repack_rows8(blocks: torch.Tensor, scheme: str) -> torch.Tensor:
     "GGUF blocks of a (rows, cols) matrix -> (ceil(rows/8), cols/32, 8·block bytes) uint8: 8 rows side by side per block (see csrc/decode_step.c)."
     scheme = _check_scheme(scheme)
@@ -48,7 +48,7 @@ def repack_rows8(blocks: torch.Tensor, scheme: str) -> torch.Tensor:
         parts.append(b[..., -16:].reshape(g, nb, 8, 4, 4).transpose(2, 3).reshape(g, nb, 128))
     return torch.cat(parts, dim=-1).contiguous()
 
-
+# %% ../notebooks/08b_fast_cpu.ipynb #86bee06d
 def unpack_rows8(packed: torch.Tensor, scheme: str, rows: int) -> torch.Tensor:
     "The inverse of repack_rows8: the GGUF blocks (rows, cols/32 · block bytes), byte for byte."
     scheme = _check_scheme(scheme)

@@ -27,11 +27,14 @@ from .checks.gguf_tokenizer import check_first_misordered_merge as first_misorde
 from .checks.generation import check_top_p_filter as top_p_filter                                             # 07c
 from .checks.generation import check_apply_repetition_penalty as apply_repetition_penalty
 from .checks.generation import check_apply_temperature as apply_temperature, check_top_k_filter as top_k_filter
+from .checks.generation import check_min_p_filter as min_p_filter
+from .checks.generation import check_apply_presence_frequency_penalty as apply_presence_frequency_penalty
 from .checks.cli import check_fit_conversation as fit_conversation                                            # 07d
 from .checks.cli import check_prefill_per_turn as prefill_per_turn
 from .checks.quantization import check_quantize_q8_0 as quantize_q8_0, check_quantize_q4_1 as quantize_q4_1  # 08
 from .checks.quantization import check_quantize_q4_0 as quantize_q4_0, check_perplexity as perplexity
+from .checks.quantization import check_quantize_q5_0 as quantize_q5_0
 from .checks.fast_cpu import check_int4_scales_and_zeros as int4_scales_and_zeros                            # 08b
-from .checks.fast_cpu import check_repack_rows8 as repack_rows8
+from .checks.fast_cpu import check_repack_rows8 as repack_rows8, check_q4_0_to_q4_1 as q4_0_to_q4_1
 from .checks.cuda import check_qmatvec_q4_1 as qmatvec_q4_1, check_qmatvec_swiglu as qmatvec_swiglu     # 09
 from .checks.gpu_decoder import check_add_rms_norm as add_rms_norm, check_softmax_temperature as softmax_temperature  # 09b

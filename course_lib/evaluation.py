@@ -22,7 +22,7 @@ def _token_tensor(token_ids) -> torch.Tensor:
                          f"{t.dtype} of shape {tuple(t.shape)}")
     return t.long()
 
-
+# %% ../notebooks/08_quantization.ipynb #1673f7c2
 def _windows(n_tokens: int, context_len: int, stride: int):
     "(begin, end, n_scored): each window scores its last n_scored targets (HF's sliding-window recipe)."
     prev_end = 0
@@ -66,7 +66,7 @@ def perplexity(model: nn.Module, token_ids, context_len: int, stride: Optional[i
         count += n_scored
     return math.exp(nll / count)
 
-
+# %% ../notebooks/08_quantization.ipynb #7ea55fba
 def logit_metrics(reference_logits: torch.Tensor, logits: torch.Tensor) -> dict:
     "Mean KL(p_reference || p) and top-1 agreement over positions; logits (..., vocab)."
     if reference_logits.shape != logits.shape:

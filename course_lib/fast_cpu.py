@@ -26,7 +26,7 @@ def to_int4pack(blocks: torch.Tensor, scheme: str, shape, dtype=torch.bfloat16):
     sz = int4_scales_and_zeros(b, scheme).reshape(out_f, in_f // block_size(scheme), 2).transpose(0, 1)  # (in/32, out, 2)
     return packed, sz.contiguous().to(dtype)   # the kernel wants the activations' dtype
 
-
+# %% ../notebooks/08b_fast_cpu.ipynb #1de47480
 def _check_4bit(scheme, who: str) -> str:
     scheme = _check_scheme(scheme)
     if scheme not in ("q4_0", "q4_1"):

@@ -96,13 +96,13 @@ def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     _check_logits(logits)
     return logits / _check_temperature(temperature)
 
-
+# %% ../notebooks/07c_generation.ipynb #4465ba9e
 def greedy(logits: torch.Tensor) -> torch.Tensor:
     "The most likely token id: argmax over the vocabulary, the lowest id among ties. (vocab,) -> (); (batch, vocab) -> (batch,)."
     _check_logits(logits)
     return logits.argmax(dim=-1)
 
-
+# %% ../notebooks/07c_generation.ipynb #35d1de24
 def _renormalize(probs: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     "Zero the tokens not kept and rescale the rest to sum to 1."
     kept = torch.where(keep, probs, torch.zeros_like(probs))       # (..., vocab)
@@ -118,7 +118,7 @@ def _keep_first(ids: torch.Tensor, keep_sorted: torch.Tensor) -> torch.Tensor:
     "A (..., vocab) mask in id order from a mask in ranked order."
     return torch.zeros_like(keep_sorted).scatter(-1, ids, keep_sorted)
 
-# %% ../notebooks/07c_generation.ipynb #35d1de24
+
 def top_k_filter(probs: torch.Tensor, top_k: int) -> torch.Tensor:
     "Keep the top_k most likely tokens (lower ids first among ties), zero the others, renormalize. (vocab,) or (batch, vocab)."
     _check_probs(probs)
@@ -127,7 +127,7 @@ def top_k_filter(probs: torch.Tensor, top_k: int) -> torch.Tensor:
     rank = torch.arange(probs.shape[-1], device=probs.device)         # (vocab,)
     return _renormalize(probs, _keep_first(ids, (rank < k).expand_as(sorted_p)))
 
-
+# %% ../notebooks/07c_generation.ipynb #1f911290
 def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     "Keep the nucleus, the smallest set of most likely tokens whose total probability reaches top_p; renormalize."
     _check_probs(probs)
@@ -141,7 +141,7 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     keep_sorted[..., 0] = True                                        # the most likely token always stays
     return _renormalize(probs, _keep_first(ids, keep_sorted))
 
-
+# %% ../notebooks/07c_generation.ipynb #b4b36213
 def min_p_filter(probs: torch.Tensor, min_p: float) -> torch.Tensor:
     "Keep the tokens with probability >= min_p × the largest probability; renormalize."
     _check_probs(probs)

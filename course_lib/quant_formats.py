@@ -70,7 +70,7 @@ def block_bytes(scheme: str) -> int:
     "Bytes per block: q8_0 34, q4_0 18, q4_1 20, from GGUF's table GGML_BLOCKS."
     return GGML_BLOCKS[_check_scheme(scheme).upper()][1]
 
-
+# %% ../notebooks/08_quantization.ipynb #48674bc8
 def round_half_away(x: torch.Tensor) -> torch.Tensor:
     "Round to nearest, ties away from zero (C's roundf), exactly: 2.5 -> 3, -2.5 -> -3."
     a = x.abs()
@@ -101,7 +101,7 @@ def quantize_q8_0(x: torch.Tensor) -> torch.Tensor:
     q = round_half_away(x * _reciprocal(d))                              # (n, 32) in -127..127
     return torch.cat([_fp16_bytes(d), q.to(torch.int8).view(torch.uint8)], dim=1)
 
-
+# %% ../notebooks/08_quantization.ipynb #4cb87857
 def quantize_q4_0(x: torch.Tensor) -> torch.Tensor:
     "(n, 32) float32 -> (n, 18) Q4_0 blocks: d = max/-8 (max = signed largest-magnitude value), q in 0..15."
     imax = x.abs().argmax(dim=1, keepdim=True)                           # first one on ties, like numpy
@@ -109,7 +109,7 @@ def quantize_q4_0(x: torch.Tensor) -> torch.Tensor:
     q = (x * _reciprocal(d) + 8.5).trunc().clamp(0, 15)                  # (n, 32)
     return torch.cat([_fp16_bytes(d), _pack_nibbles(q)], dim=1)
 
-
+# %% ../notebooks/08_quantization.ipynb #9c5378c9
 def quantize_q4_1(x: torch.Tensor) -> torch.Tensor:
     "(n, 32) float32 -> (n, 20) Q4_1 blocks: d = (max-min)/15, m = min (fp16 both), q in 0..15."
     mx, mn = x.amax(dim=1, keepdim=True), x.amin(dim=1, keepdim=True)   # (n, 1) each
@@ -117,7 +117,7 @@ def quantize_q4_1(x: torch.Tensor) -> torch.Tensor:
     q = ((x - mn) * _reciprocal(d) + 0.5).trunc().clamp(0, 15)          # (n, 32)
     return torch.cat([_fp16_bytes(d), _fp16_bytes(mn), _pack_nibbles(q)], dim=1)
 
-
+# %% ../notebooks/08_quantization.ipynb #9058b8b3
 _QUANTIZE = {"q8_0": quantize_q8_0, "q4_0": quantize_q4_0, "q4_1": quantize_q4_1}
 _DEQUANTIZE = {"q8_0": dequantize_q8_0, "q4_0": dequantize_q4_0, "q4_1": dequantize_q4_1}
 

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from course_lib.attention import causal_mask, repeat_kv, scaled_dot_product, scaled_dot_product_gqa
-from course_lib.checks.generation import (check_apply_repetition_penalty, check_apply_temperature, check_top_k_filter,
+from course_lib.checks.generation import (check_apply_presence_frequency_penalty, check_apply_repetition_penalty,
+                                          check_apply_temperature, check_min_p_filter, check_top_k_filter,
                                           check_top_p_filter)
 from course_lib.generation import (METHODS, GenerationStats, SamplingTable, _stream_text, apply_repetition_penalty,
                                    apply_temperature, generate,
@@ -21,6 +22,7 @@ from course_lib.generation import (METHODS, GenerationStats, SamplingTable, _str
                                    sample_next_token, sampling_settings, sampling_table, top_k_filter, top_p_filter)
 from course_lib.fused import fuse_model
 from course_lib.model import PRESETS, ModelArgs, Transformer
+from shortcuts import refused, source_copy
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -578,8 +580,17 @@ def independent_top_p(probs, top_p):
     return out
 
 
+def library_copies():
+    "Fresh copies of the library's samplers (what a student who retyped them hands in), helpers first."
+    import course_lib.generation as module
+    copies = source_copy(module, "_renormalize", "_ranked", "_keep_first", "apply_temperature", "top_k_filter",
+                         "top_p_filter", "min_p_filter", "apply_repetition_penalty")
+    return dict(zip(["apply_temperature", "top_k_filter", "top_p_filter", "min_p_filter",
+                     "apply_repetition_penalty"], copies[3:]))
+
+
 def test_check_top_p_filter():
-    assert check_top_p_filter(top_p_filter)
+    assert check_top_p_filter(library_copies()["top_p_filter"])
     assert check_top_p_filter(independent_top_p)
     for kind, message in [("one_too_many", "keeps one token too many"), ("no_renorm", "does not renormalize"),
                           ("ascending", "sorts in ascending order"), ("inclusive", "keeps one token too few")]:
@@ -601,7 +612,7 @@ def test_check_top_p_filter():
 
 
 def test_check_apply_repetition_penalty():
-    assert check_apply_repetition_penalty(apply_repetition_penalty)
+    assert check_apply_repetition_penalty(library_copies()["apply_repetition_penalty"])
 
     def independent(logits, ids, penalty):
         out = logits.clone()
@@ -637,7 +648,7 @@ def test_check_apply_repetition_penalty():
 
 
 def test_check_apply_temperature():
-    assert check_apply_temperature(apply_temperature)
+    assert check_apply_temperature(library_copies()["apply_temperature"])
 
     def independent(logits, temperature):
         if not temperature > 0:
@@ -688,7 +699,7 @@ def buggy_top_k(kind):
 
 
 def test_check_top_k_filter():
-    assert check_top_k_filter(top_k_filter)
+    assert check_top_k_filter(library_copies()["top_k_filter"])
     assert check_top_k_filter(buggy_top_k("right"))
     for kind, message in [("one_too_many", "keeps k \\+ 1 tokens"), ("no_renorm", "does not renormalize"),
                           ("threshold", "keeps every token tied with the k-th"),
@@ -708,6 +719,92 @@ def test_check_top_k_filter():
     assert "modified its input" in str(check_top_k_filter(in_place))
     with pytest.raises(TypeError):
         check_top_k_filter(None)
+
+
+def test_check_min_p_filter():
+    assert check_min_p_filter(library_copies()["min_p_filter"])
+
+    def independent(probs, min_p):
+        keep = probs / probs.max(-1, keepdim=True).values >= min_p
+        return torch.where(keep, probs, 0.0) / torch.where(keep, probs, 0.0).sum(-1, keepdim=True)
+    assert check_min_p_filter(independent)
+
+    def strict(probs, min_p):
+        keep = probs > min_p * probs.max(-1, keepdim=True).values
+        kept = torch.where(keep, probs, 0.0)
+        return kept / kept.sum(-1, keepdim=True)
+
+    def absolute(probs, min_p):
+        kept = torch.where(probs >= min_p, probs, 0.0)
+        return kept / kept.sum(-1, keepdim=True)
+
+    def no_renorm(probs, min_p):
+        return torch.where(probs >= min_p * probs.max(-1, keepdim=True).values, probs, 0.0)
+
+    def batch_max(probs, min_p):
+        kept = torch.where(probs >= min_p * probs.max(), probs, 0.0)
+        return kept / kept.sum(-1, keepdim=True)
+    for wrong, message in [(strict, "a token exactly at the threshold stays"), (absolute, "compares with min_p itself"),
+                           (no_renorm, "does not renormalize"), (batch_max, "each row has its own threshold: output has NaN")]:
+        result = check_min_p_filter(wrong)
+        assert not result and message in str(result), (wrong.__name__, str(result))
+    with pytest.raises(TypeError):
+        check_min_p_filter(0.1)
+
+
+def test_sampler_checkers_refuse_the_library_answers():
+    "Issue 16: the library's own samplers (and the helpers that do their work) are switched off in the checkers."
+    import course_lib.generation as module
+    for check, name in [(check_apply_temperature, "apply_temperature"), (check_top_k_filter, "top_k_filter"),
+                        (check_top_p_filter, "top_p_filter"), (check_min_p_filter, "min_p_filter"),
+                        (check_apply_repetition_penalty, "apply_repetition_penalty")]:
+        answer = getattr(module, name)
+        assert refused(check(answer), f"is course_lib.generation.{name} itself")
+        wrapped = lambda *args, _f=answer: _f(*args)                     # noqa: E731
+        assert refused(check(wrapped), f"course_lib.generation.{name}")
+    # the private helpers do the work of the filters: calling them is refused too
+    def with_helpers(probs, top_k):
+        sorted_p, ids = module._ranked(probs)
+        rank = torch.arange(probs.shape[-1])
+        return module._renormalize(probs, module._keep_first(ids, (rank < min(top_k, probs.shape[-1])).expand_as(sorted_p)))
+    assert refused(check_top_k_filter(with_helpers), "course_lib.generation._ranked")
+    # a wrapper that chains the samplers (next_token_probs) reaches them all the same
+    assert refused(check_top_p_filter(lambda p, top_p: module.next_token_probs(p.log(), top_p=top_p)),
+                   "course_lib.generation.top_p_filter")
+
+
+def test_check_apply_presence_frequency_penalty():
+    "Exercise 4, which the reading edition does not show: OpenAI's additive penalties."
+    def answer(logits, ids, presence, frequency):
+        counts = torch.bincount(torch.as_tensor(ids, dtype=torch.long), minlength=logits.shape[-1]).to(logits.dtype)
+        return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+    assert check_apply_presence_frequency_penalty(answer)
+
+    def once(logits, ids, presence, frequency):
+        return answer(logits, sorted(set(ids)), presence, frequency)
+
+    def added(logits, ids, presence, frequency):
+        return 2 * logits - answer(logits, ids, presence, frequency)
+
+    def presence_each_time(logits, ids, presence, frequency):
+        return answer(logits, ids, 0.0, presence + frequency)
+
+    def swapped(logits, ids, presence, frequency):
+        return answer(logits, ids, frequency, presence)
+
+    def ctrl(logits, ids, presence, frequency):            # the chapter's penalty, not this one
+        out = logits.clone()
+        for i in set(ids):
+            out[i] = out[i] / (1 + frequency) if out[i] > 0 else out[i] * (1 + frequency)
+        return out
+    for wrong, message in [(once, "counts each seen id once"), (added, "adds the penalties"),
+                           (presence_each_time, "once per occurrence"), (swapped, "swaps the two penalties"),
+                           (ctrl, "differs")]:
+        result = check_apply_presence_frequency_penalty(wrong)
+        assert not result and message in str(result), (wrong.__name__, str(result))
+    from course_lib.checks.generation import _presence_frequency_reference
+    assert refused(check_apply_presence_frequency_penalty(lambda *a: _presence_frequency_reference(*a)),
+                   "_presence_frequency_reference")
 
 
 # ------------------------------------------------------------------ SmolLM2 against transformers' generate

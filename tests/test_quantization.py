@@ -16,9 +16,9 @@ import torch.nn.functional as F
 gguf = pytest.importorskip("gguf")
 
 from course_lib.model import ModelArgs, Transformer, from_hf
-from course_lib.checks.fast_cpu import check_int4_scales_and_zeros, check_repack_rows8
+from course_lib.checks.fast_cpu import check_int4_scales_and_zeros, check_q4_0_to_q4_1, check_repack_rows8
 from course_lib.checks.quantization import (check_perplexity, check_quantize_q4_0, check_quantize_q4_1,
-                                            check_quantize_q8_0)
+                                            check_quantize_q5_0, check_quantize_q8_0)
 from course_lib.evaluation import compare_models, logit_metrics, matching_prefix, perplexity
 from course_lib.fast_cpu import FastQuantModel, Int4Matmul, int4_scales_and_zeros, q8_0_as_int4, to_int4pack
 from course_lib.quant_formats import (absmax_dequantize, absmax_quantize, block_size, dequantize, fake_quantize,
@@ -28,6 +28,7 @@ from course_lib.quant_model import (QuantEmbedding, QuantLinear, export_gguf, lo
                                     save_quantized, set_matmul, weight_bytes)
 from course_lib.generation import generate_tokens
 from course_lib.weights import fetch_smollm2, load_gguf_model, read_gguf
+from shortcuts import refused, source_copy
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 ROOT = Path(__file__).resolve().parents[1]
@@ -477,24 +478,86 @@ def test_int4_matmul_repr_and_scales_and_zeros():
         int4_scales_and_zeros(quantize(w, "q8_0"), "q8_0")
 
 
+def fast_cpu_copies():
+    "Fresh copies of 08b's answers (what a student who retyped them hands in); the checkers refuse the originals."
+    import course_lib.c_step
+    import course_lib.fast_cpu
+    return (source_copy(course_lib.fast_cpu, "int4_scales_and_zeros"), source_copy(course_lib.c_step, "repack_rows8"))
+
+
 def test_fast_cpu_checkers_pass_the_course_and_catch_mistakes():
-    assert check_int4_scales_and_zeros(int4_scales_and_zeros) and check_repack_rows8(repack_rows8)
+    own_scales, own_repack = fast_cpu_copies()
+    assert check_int4_scales_and_zeros(own_scales) and check_repack_rows8(own_repack)
 
     def zero_is_m(blocks, scheme):
-        sz = int4_scales_and_zeros(blocks, scheme)
+        sz = own_scales(blocks, scheme)
         return torch.stack([sz[:, 0], sz[:, 1] - 8 * sz[:, 0]], dim=1)
     assert "zero is m: the kernel computes" in str(check_int4_scales_and_zeros(zero_is_m))
     assert "should be a torch.Tensor" in str(check_int4_scales_and_zeros(lambda b, s: [1.0, 2.0]))
 
     def no_sign_flip(blocks, scheme):
-        out = repack_rows8(blocks, scheme)
+        out = own_repack(blocks, scheme)
         if scheme == "q8_0":
             out[..., 16:] ^= 0x80
         return out
     result = check_repack_rows8(no_sign_flip)
     assert not result and "q8_0: group 0, block 0, byte 16" in str(result) and "flip the sign bit" in str(result)
-    unpadded = check_repack_rows8(lambda b, s: repack_rows8(b, s)[: len(b) // 8])
+    unpadded = check_repack_rows8(lambda b, s: own_repack(b, s)[: len(b) // 8])
     assert not unpadded and "shape" in str(unpadded)
+
+
+def test_fast_cpu_checkers_refuse_the_library_answers():
+    "Issue 16: the library's own int4_scales_and_zeros and repack_rows8 (and to_int4pack, which computes the former) are switched off."
+    from course_lib.c_step import repack_rows8
+    assert refused(check_int4_scales_and_zeros(int4_scales_and_zeros), "is course_lib.fast_cpu.int4_scales_and_zeros itself")
+    assert refused(check_repack_rows8(repack_rows8), "is course_lib.c_step.repack_rows8 itself")
+    assert refused(check_int4_scales_and_zeros(lambda b, s: int4_scales_and_zeros(b, s)), "course_lib.fast_cpu.int4_scales_and_zeros")
+    assert refused(check_repack_rows8(lambda b, s: repack_rows8(b, s)), "course_lib.c_step.repack_rows8")
+
+    def via_to_int4pack(blocks, scheme):       # the kernel's layout, transposed back: the same numbers
+        _, sz = to_int4pack(blocks, scheme, (len(blocks), 32), dtype=torch.float32)
+        return sz[0]
+    assert refused(check_int4_scales_and_zeros(via_to_int4pack), "course_lib.fast_cpu.to_int4pack")
+
+
+def test_check_q4_0_to_q4_1():
+    "08b's Exercise 3, which the reading edition does not show: Q4_0 blocks rewritten as Q4_1, exactly."
+    def answer(blocks):
+        d = blocks[:, :2].contiguous().view(torch.float16)
+        return torch.cat([blocks[:, :2], (-8 * d.float()).half().view(torch.uint8), blocks[:, 2:]], dim=1)
+    assert check_q4_0_to_q4_1(answer)
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+    b0 = quantize(w, "q4_0")
+    assert torch.equal(dequantize(b0, "q4_0", w.shape), dequantize(answer(b0.reshape(-1, 18)).reshape(8, -1), "q4_1", w.shape))
+
+    def plus_8d(blocks):
+        out = answer(blocks)
+        out[:, 2:4] = (8 * blocks[:, :2].contiguous().view(torch.float16).float()).half().view(torch.uint8)
+        return out
+
+    def m_first(blocks):
+        out = answer(blocks)
+        return torch.cat([out[:, 2:4], out[:, :2], out[:, 4:]], dim=1)
+
+    def requantized(blocks):
+        from course_lib.gguf_format import dequantize_q4_0
+        return _copy_quantize_q4_1()(dequantize_q4_0(blocks))
+
+    def shifted_nibbles(blocks):                       # moves the -8 into the nibbles: no longer 0..15
+        out = answer(blocks)
+        out[:, 4:] = out[:, 4:] ^ 0x88
+        return out
+    for wrong, message in [(plus_8d, "m = +8d"), (m_first, "writes m before d"), (requantized, "requantizes"),
+                           (shifted_nibbles, "bytes differ"), (lambda b: b, "shape")]:
+        result = check_q4_0_to_q4_1(wrong)
+        assert not result and message in str(result), (message, str(result))
+    from course_lib.checks.fast_cpu import _q4_0_to_q4_1_reference
+    assert refused(check_q4_0_to_q4_1(lambda b: _q4_0_to_q4_1_reference(b)), "_q4_0_to_q4_1_reference")
+
+
+def _copy_quantize_q4_1():
+    import course_lib.quant_formats as module
+    return source_copy(module, "round_half_away", "_reciprocal", "_fp16_bytes", "_pack_nibbles", "quantize_q4_1")[-1]
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
@@ -587,22 +650,64 @@ def test_quantized_smollm2_quality_and_tokens(smollm2, wiki_ids):
 
 # ---------------------------------------------------------------- checkers
 
-def test_checkers_pass_the_course_implementation():
-    assert check_quantize_q8_0(quantize_q8_0)
-    assert check_quantize_q4_1(quantize_q4_1)
-    assert check_quantize_q4_0(quantize_q4_0)
-    assert check_perplexity(perplexity)
+def quantizer_copies():
+    "Fresh copies of chapter 08's quantizers, helpers first (what a student who retyped them hands in)."
+    import course_lib.quant_formats as module
+    copies = source_copy(module, "round_half_away", "_reciprocal", "_fp16_bytes", "_pack_nibbles", "quantize_q8_0",
+                         "quantize_q4_0", "quantize_q4_1")
+    return dict(zip(["round_half_away", "quantize_q8_0", "quantize_q4_0", "quantize_q4_1"], [copies[0], *copies[4:]]))
+
+
+def perplexity_copy():
+    import course_lib.evaluation as module
+    return source_copy(module, "_windows", "perplexity")[1]
+
+
+def test_checkers_pass_copies_of_the_course_implementation():
+    own = quantizer_copies()
+    assert check_quantize_q8_0(own["quantize_q8_0"])
+    assert check_quantize_q4_1(own["quantize_q4_1"])
+    assert check_quantize_q4_0(own["quantize_q4_0"])
+    assert check_perplexity(perplexity_copy())          # decorated with @torch.no_grad() like the library's
 
 
 def test_checkers_pass_independent_implementations():
-    def via_gguf(qtype):
-        def f(x):
-            return torch.from_numpy(np.ascontiguousarray(gguf.quants.quantize(x.numpy(), QTYPE[qtype]))).reshape(len(x), -1)
-        return f
-    assert check_quantize_q8_0(via_gguf("Q8_0"))
-    assert check_quantize_q4_0(via_gguf("Q4_0"))
-    assert check_quantize_q4_1(via_gguf("Q4_1"))
+    assert check_quantize_q4_0(_q4_0)
     assert check_perplexity(_ppl)
+
+
+def _via_gguf(qtype):
+    "llama.cpp's NumPy quantizer (the gguf package): the answer, not the student's code."
+    def f(x):
+        return torch.from_numpy(np.ascontiguousarray(gguf.quants.quantize(x.numpy(), QTYPE[qtype]))).reshape(len(x), -1)
+    return f
+
+
+def test_checkers_refuse_the_library_gguf_and_helper_answers():
+    "Issue 16: the library's quantizers, their helpers, gguf's quantizers and the library's perplexity are switched off."
+    for check, fn, name in [(check_quantize_q8_0, quantize_q8_0, "quantize_q8_0"),
+                            (check_quantize_q4_0, quantize_q4_0, "quantize_q4_0"),
+                            (check_quantize_q4_1, quantize_q4_1, "quantize_q4_1")]:
+        assert refused(check(fn), f"is course_lib.quant_formats.{name} itself")
+        assert refused(check(lambda x, _f=fn: _f(x)), f"course_lib.quant_formats.{name}")
+        assert refused(check(_via_gguf(name[-4:].upper())), "gguf.quants")           # the gguf package's answer
+        assert refused(check(lambda x: quantize(x, name[-4:]).reshape(len(x), -1)), "course_lib.quant_formats.quantize")
+    # calling gguf's block quantizer directly is refused too, not only gguf.quants.quantize
+    assert refused(check_quantize_q8_0(lambda x: torch.from_numpy(gguf.quants.Q8_0.quantize_blocks(x.numpy()))),
+                   "quantize_blocks")
+    # the helpers that do the work: the exact rounding of Q8_0, the nibble packing of Q4
+    def with_library_rounding(x):
+        d = x.abs().amax(1, keepdim=True) / 127
+        q = round_half_away(x * torch.where(d == 0, 0.0, 1 / d))
+        return torch.cat([d.half().view(torch.uint8), q.to(torch.int8).view(torch.uint8)], 1)
+    assert refused(check_quantize_q8_0(with_library_rounding), "course_lib.quant_formats.round_half_away")
+    assert refused(check_perplexity(perplexity), "course_lib.evaluation.perplexity")
+    assert refused(check_perplexity(lambda m, ids, n, stride=None: perplexity(m, ids, n, stride)),
+                   "course_lib.evaluation.perplexity")
+
+    def via_compare_models(model, token_ids, context_len, stride=None):     # right when stride is None
+        return compare_models(model, model, token_ids, context_len)["perplexity"]
+    assert refused(check_perplexity(via_compare_models), "course_lib.evaluation.compare_models")
 
 
 def test_check_quantize_q8_0_catches_mistakes():
@@ -614,7 +719,7 @@ def test_check_quantize_q8_0_catches_mistakes():
     assert not r and "half away from zero" in str(r)
     def fp16_first(x):
         d = (x.abs().amax(1, keepdim=True) / 127).half()
-        q = round_half_away(x * torch.where(d == 0, 0.0, 1 / d.float()))
+        q = quantizer_copies()["round_half_away"](x * torch.where(d == 0, 0.0, 1 / d.float()))
         return torch.cat([d.view(torch.uint8), q.to(torch.int8).view(torch.uint8)], 1)
     r = check_quantize_q8_0(fp16_first)
     assert not r and "float32 d" in str(r)
@@ -678,6 +783,56 @@ def test_check_quantize_q4_0_catches_mistakes():
     def stub(x):
         raise NotImplementedError
     assert len(check_quantize_q4_0(stub).failures) == 1
+
+
+def _q5_0(x):
+    "Exercise 1's answer (08's appendix), from scratch."
+    d = x.gather(1, x.abs().argmax(1, keepdim=True)) / -16
+    q = (x * torch.where(d == 0, 0.0, 1 / d) + 16.5).trunc().clamp(0, 31).to(torch.uint8)
+    qh = ((q >> 4).reshape(-1, 4, 8).int() << torch.arange(8)).sum(-1).to(torch.uint8)
+    low = q & 0x0F
+    return torch.cat([d.half().view(torch.uint8), qh, low[:, :16] | (low[:, 16:] << 4)], 1)
+
+
+def test_q5_0_reference_is_llama_cpps():
+    "The checker's reference for Exercise 1 against the gguf package's Q5_0, bit for bit."
+    from course_lib.checks.quantization import _quantize_q5_0_reference
+    x = torch.cat([edge_rows(), torch.randn(64, 32, generator=torch.Generator().manual_seed(9)) * 2])
+    x = x.reshape(-1, 32)
+    want = torch.from_numpy(np.ascontiguousarray(gguf.quants.quantize(x.numpy(), QTYPE["Q5_0"]))).reshape(len(x), -1)
+    assert torch.equal(_quantize_q5_0_reference(x), want)
+    assert torch.equal(_q5_0(x), want)
+
+
+def test_check_quantize_q5_0():
+    "08's Exercise 1, which the reading edition does not show: accepted from scratch, typical mistakes named."
+    assert check_quantize_q5_0(_q5_0)
+
+    def absmax(x):                                  # the magnitude alone, without the sign
+        d = x.abs().amax(1, keepdim=True) / -16
+        q = (x * torch.where(d == 0, 0.0, 1 / d) + 16.5).trunc().clamp(0, 31).to(torch.uint8)
+        qh = ((q >> 4).reshape(-1, 4, 8).int() << torch.arange(8)).sum(-1).to(torch.uint8)
+        low = q & 0x0F
+        return torch.cat([d.half().view(torch.uint8), qh, low[:, :16] | (low[:, 16:] << 4)], 1)
+    def msb_first(x):
+        out = _q5_0(x)
+        d = x.gather(1, x.abs().argmax(1, keepdim=True)) / -16
+        q = (x * torch.where(d == 0, 0.0, 1 / d) + 16.5).trunc().clamp(0, 31).to(torch.uint8)
+        out[:, 2:6] = ((q >> 4).reshape(-1, 4, 8).int() << (7 - torch.arange(8))).sum(-1).to(torch.uint8)
+        return out
+    def unmasked(x):
+        out = _q5_0(x)
+        d = x.gather(1, x.abs().argmax(1, keepdim=True)) / -16
+        q = (x * torch.where(d == 0, 0.0, 1 / d) + 16.5).trunc().clamp(0, 31).to(torch.uint8)
+        out[:, 6:] = q[:, :16] | (q[:, 16:] << 4)
+        return out
+    for wrong, message in [(absmax, "d is absmax / -16"), (msb_first, "most significant first"),
+                           (unmasked, "mask q with 0x0F"), (lambda x: _q4_0(x), "shape")]:
+        result = check_quantize_q5_0(wrong)
+        assert not result and message in str(result), (message, str(result))
+    assert refused(check_quantize_q5_0(_via_gguf("Q5_0")), "gguf.quants")
+    from course_lib.checks.quantization import _quantize_q5_0_reference
+    assert refused(check_quantize_q5_0(lambda x: _quantize_q5_0_reference(x)), "_quantize_q5_0_reference")
 
 
 def _ppl(model, token_ids, context_len, stride=None, *, shift="right", per_window=False, count_first=False,
