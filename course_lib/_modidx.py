@@ -72,6 +72,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                      'course_lib.checking._fmt_index': ('start_here.html#_fmt_index', 'course_lib/checking.py'),
                                      'course_lib.checking._functions_of': ('start_here.html#_functions_of', 'course_lib/checking.py'),
                                      'course_lib.checking._name': ('start_here.html#_name', 'course_lib/checking.py'),
+                                     'course_lib.checking._own': ('start_here.html#_own', 'course_lib/checking.py'),
                                      'course_lib.checking.compare': ('start_here.html#compare', 'course_lib/checking.py'),
                                      'course_lib.checking.run_cases': ('start_here.html#run_cases', 'course_lib/checking.py')},
             'course_lib.checks.attention': { 'course_lib.checks.attention._attention_part': ( 'attention.html#_attention_part',

@@ -125,20 +125,26 @@ def run_cases(name: str, candidate: Callable, cases: list, stop_after_first_fail
     return result
 
 # %% ../notebooks/00_start_here.ipynb #9ec2f7d7
+import inspect
 import sys
 
 
 def _functions_of(obj) -> list:
     "The Python functions a candidate runs: a function, a method, a partial, a callable object, a class's methods."
     if isinstance(obj, type):                      # its own methods and inherited ones, except torch's and object's
-        return [f for klass in obj.__mro__ if klass is not object and klass.__module__.split(".")[0] != "torch"
+        return [_own(f) for klass in obj.__mro__ if klass is not object and klass.__module__.split(".")[0] != "torch"
                 for f in vars(klass).values() if hasattr(f, "__code__")]
     obj = getattr(obj, "func", obj)                # functools.partial
-    obj = getattr(obj, "__func__", obj)            # a bound method
+    obj = _own(getattr(obj, "__func__", obj))      # a bound method; a decorated function
     if hasattr(obj, "__code__"):
         return [obj]
     call = getattr(type(obj), "__call__", None)    # an object with __call__
     return [call] if hasattr(call, "__code__") else []
+
+
+def _own(f):
+    "A decorated function's own function: every @torch.no_grad() function shares one wrapper's code."
+    return inspect.unwrap(f) if callable(f) else f
 
 
 def _name(obj) -> str:
@@ -162,7 +168,7 @@ class NoShortcuts:
         self._codes, self._builtins = {}, {}                 # code -> name; id(C function) -> (it, name)
         self._methods = {}                                   # tensor method name -> name: x.repeat_interleave(...)
         for item in forbidden:
-            functions = ([f for f in vars(item).values() if hasattr(f, "__code__")] if isinstance(item, type)
+            functions = ([_own(f) for f in vars(item).values() if hasattr(f, "__code__")] if isinstance(item, type)
                          else _functions_of(item))
             for f in functions:
                 self._codes[f.__code__] = _name(item)

@@ -72,3 +72,59 @@ def test_stop_after_first_failure_reports_only_that_case():
     result = run_cases("identity", wrong, _cases(3), stop_after_first_failure=True)
     assert len(result.failures) == 1 and "hint 0 (the other cases run once this one passes)" in str(result)
     assert run_cases("identity", lambda x: x, _cases(3), stop_after_first_failure=True)
+
+
+# ---------------------------------------------------------------- NoShortcuts (issue 16)
+def _double_cases(reference):
+    x = torch.arange(4.0)
+    return [Case("x = 0..3", lambda f: compare(f(x), reference(x)))]
+
+
+@torch.no_grad()
+def _reference_double(x):
+    return x * 2
+
+
+def test_no_shortcuts_refuses_the_forbidden_only_on_behalf_of_the_candidate():
+    from course_lib.checking import run_cases
+    cases = _double_cases(_reference_double)                     # the checker calls the reference itself
+    assert run_cases("double", lambda x: x + x, cases, forbidden=[_reference_double])
+
+    @torch.no_grad()                                              # decorated like the reference: not confused with it
+    def own(x):
+        return x * 2
+    assert run_cases("double", own, cases, forbidden=[_reference_double])
+    refusals = {
+        "a wrapper": lambda x: _reference_double(x),
+        "the reference itself": _reference_double,
+        "a builtin": lambda x: torch.mul(x, 2),
+        "a tensor method": lambda x: x.mul(2),
+    }
+    for what, candidate in refusals.items():
+        result = run_cases("double", candidate, cases, forbidden=[_reference_double, torch.mul, torch.Tensor.mul])
+        assert not result and "double wants your own code" in str(result), what
+
+
+def test_no_shortcuts_sees_through_catching_and_inheritance_and_restores_the_profiler():
+    import sys
+    from course_lib.checking import run_cases
+
+    def caught(x):
+        try:
+            return _reference_double(x)
+        except RuntimeError:
+            return _reference_double(x)                            # the profiler is gone after the first refusal
+    cases = _double_cases(_reference_double)
+    assert "wants your own code" in str(run_cases("double", caught, cases, forbidden=[_reference_double]))
+
+    class Base(torch.nn.Module):
+        def forward(self, x):
+            return x * 2
+
+    class Derived(Base):
+        pass
+    layer_cases = [Case("x", lambda cls: compare(cls()(torch.ones(2)), torch.full((2,), 2.0)))]
+    assert "derives from" in str(run_cases("layer", Derived, layer_cases, forbidden=[Base]))
+    before = sys.getprofile()
+    run_cases("double", caught, cases, forbidden=[_reference_double])
+    assert sys.getprofile() is before
