@@ -21,7 +21,7 @@ from .checks.model import check_TransformerBlock as TransformerBlock, check_coun
 from .checks.model import check_Transformer as Transformer, check_decode_flops as decode_flops
 from .checks.weights import check_gguf_to_meta_name as gguf_to_meta_name, check_merge_meta_shards as merge_meta_shards  # 07
 from .checks.weights import check_dequantize_q8_0 as dequantize_q8_0, check_dequantize_q4_0 as dequantize_q4_0
-from .checks.weights import check_dequantize_q4_1 as dequantize_q4_1, check_dequantize_q5_0 as dequantize_q5_0
+from .checks.weights import check_dequantize_q4_1 as dequantize_q4_1, check_dequantize_iq4_nl as dequantize_iq4_nl
 from .checks.gguf_tokenizer import check_bytes_to_unicode as bytes_to_unicode, check_bpe_word as bpe_word      # 07b
 from .checks.gguf_tokenizer import check_first_misordered_merge as first_misordered_merge
 from .checks.generation import check_top_p_filter as top_p_filter                                             # 07c

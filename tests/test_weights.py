@@ -877,54 +877,80 @@ def test_meta_shards_that_disagree_and_a_flat_embedding_are_named(tmp_path):
         load_meta_checkpoint(one)
 
 
-def dequantize_q5_0(blocks):
-    "07's Exercise 4, answered (the notebook's appendix has the same)."
-    d = blocks[:, :2].contiguous().view(torch.float16).float()
-    b = blocks[:, 2:6].to(torch.int64)
-    qh = b[:, :1] | b[:, 1:2] << 8 | b[:, 2:3] << 16 | b[:, 3:4] << 24
-    fifth = (qh >> torch.arange(32)) & 1
-    low = torch.cat([blocks[:, 6:] & 0x0F, blocks[:, 6:] >> 4], dim=1)
-    return ((low.to(torch.int64) | fifth << 4) - 16).float() * d
+def appendix_answer(name: str):
+    "A function defined by 07's appendix, run from the notebook's own cell (the cell's print left out)."
+    nb = json.loads((ROOT / "notebooks" / "07_weights.ipynb").read_text())
+    cell = next("".join(c["source"]) for c in nb["cells"] if f"def {name}(" in "".join(c["source"])
+                and not "".join(c["source"]).startswith("#| export"))
+    namespace = {"torch": torch}
+    exec("\n".join(line for line in cell.split("\n") if not line.startswith("print(")), namespace)
+    return namespace[name]
 
 
-def test_q5_0_reference_matches_the_gguf_package():
-    from course_lib.checks.weights import _dequantize_q5_0, _pack_q5_0
-    blocks = torch.randint(0, 256, (200, 22), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
-    blocks[:, 1] &= 0x7B                                    # a finite fp16 scale (exponent below 31)
-    expected = gguf.quants.dequantize(blocks.numpy().reshape(-1), gguf.GGMLQuantizationType.Q5_0).reshape(-1, 32)
-    assert torch.equal(_dequantize_q5_0(blocks), torch.from_numpy(np.ascontiguousarray(expected)).float())
-    q = torch.randint(0, 32, (5, 32), generator=torch.Generator().manual_seed(1))
-    assert torch.equal(_dequantize_q5_0(_pack_q5_0(torch.ones(5), q)), (q - 16).float())
+def iq4_nl_blocks():
+    "Random IQ4_NL blocks with finite fp16 scales of both signs, and edge blocks: d = 0, -0, negative, q = 0 and 15."
+    blocks = torch.randint(0, 256, (200, 18), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    blocks[:, 1] &= 0xFB                                    # exponent below 31: no inf/nan; the sign bit stays random
+    d = torch.tensor([0.0, -0.0, -1.5, 65504.0, -65504.0, 6e-8], dtype=torch.float16).view(torch.uint8).reshape(-1, 2)
+    qs = torch.tensor([0x00, 0xFF, 0x0F, 0xF0, 0x80, 0x08], dtype=torch.uint8)[:, None].expand(6, 16)
+    return torch.cat([blocks, torch.cat([d, qs], dim=1)])  # (206, 18)
 
 
-def test_check_dequantize_q5_0():
-    from course_lib.checks.weights import check_dequantize_q5_0
-    assert check_dequantize_q5_0(dequantize_q5_0)
+def test_iq4_nl_reference_matches_the_gguf_package():
+    from course_lib.checks.weights import _dequantize_iq4_nl
+    blocks = iq4_nl_blocks()
+    expected = gguf.quants.dequantize(blocks.numpy().reshape(-1), gguf.GGMLQuantizationType.IQ4_NL).reshape(-1, 32)
+    got = _dequantize_iq4_nl(blocks)
+    assert got.dtype == torch.float32 and torch.equal(got, torch.from_numpy(np.ascontiguousarray(expected)))
+    assert torch.equal(torch.signbit(got), torch.from_numpy(np.signbit(expected)))   # -0.0 where gguf has it
+    assert _dequantize_iq4_nl(torch.zeros(0, 18, dtype=torch.uint8)).shape == (0, 32)
+    from course_lib.checks.weights import _IQ4_NL_LEVELS     # the table and the block size, as the package has them
+    assert _IQ4_NL_LEVELS.tolist() == list(gguf.quants.IQ4_NL.kvalues)
+    assert gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.IQ4_NL] == (32, 18)
+
+
+def test_check_dequantize_iq4_nl():
+    import course_lib.checks.weights as CW
+    from course_lib.checks.weights import check_dequantize_iq4_nl
+    assert check_dequantize_iq4_nl(appendix_answer("dequantize_iq4_nl"))
+    assert check_dequantize_iq4_nl(source_copy(CW, "_dequantize_iq4_nl"))          # retyped reference passes
+    table = torch.tensor(gguf.quants.IQ4_NL.kvalues, dtype=torch.float32)
 
     def parts(blocks):
-        d = my_fp16(blocks[:, :2])
-        b = blocks[:, 2:6].to(torch.int64)
-        qh = b[:, :1] | b[:, 1:2] << 8 | b[:, 2:3] << 16 | b[:, 3:4] << 24
-        low = torch.cat([blocks[:, 6:] & 0x0F, blocks[:, 6:] >> 4], dim=1).to(torch.int64)
-        return d, qh, low
-    def no_fifth_bit(blocks):
-        d, qh, low = parts(blocks)
-        return (low - 16).float() * d
-    def no_offset(blocks):
-        d, qh, low = parts(blocks)
-        return (low | ((qh >> torch.arange(32)) & 1) << 4).float() * d
-    def bits_from_the_top(blocks):
-        d, qh, low = parts(blocks)
-        return ((low | ((qh >> (31 - torch.arange(32))) & 1) << 4) - 16).float() * d
-    def contiguous_view(blocks):                           # fails on one block: the int32 view is misaligned
-        d, _, low = parts(blocks)
-        qh = blocks[:, 2:6].contiguous().view(torch.int32).to(torch.int64)
-        return ((low | ((qh >> torch.arange(32)) & 1) << 4) - 16).float() * d
-    assert "fifth bits are left out" in str(check_dequantize_q5_0(no_fifth_bit))
-    assert "16 is not subtracted" in str(check_dequantize_q5_0(no_offset))
-    assert "read from the top" in str(check_dequantize_q5_0(bits_from_the_top))
-    r = check_dequantize_q5_0(contiguous_view)
-    assert not r and "must be divisible by 4" in str(r)
-    via_gguf = lambda b: torch.from_numpy(gguf.quants.dequantize(b.numpy().reshape(-1), gguf.GGMLQuantizationType.Q5_0)
+        qs = blocks[:, 2:]
+        return my_fp16(blocks[:, :2]), (qs & 0x0F).long(), (qs >> 4).long()
+    def q4_0_levels(blocks):
+        d, lo, hi = parts(blocks)
+        return (torch.cat([lo, hi], 1) - 8).float() * d
+    def no_table(blocks):
+        d, lo, hi = parts(blocks)
+        return torch.cat([lo, hi], 1).float() * d
+    def interleaved(blocks):
+        d, lo, hi = parts(blocks)
+        return table[torch.stack([lo, hi], 2).reshape(-1, 32)] * d
+    def high_first(blocks):
+        d, lo, hi = parts(blocks)
+        return table[torch.cat([hi, lo], 1)] * d
+    def bfloat16_scale(blocks):
+        _, lo, hi = parts(blocks)
+        return table[torch.cat([lo, hi], 1)] * blocks[:, :2].contiguous().view(torch.bfloat16).float()
+    def float32_scale(blocks):
+        _, lo, hi = parts(blocks)
+        return table[torch.cat([lo, hi], 1)] * blocks[:, :4].contiguous().view(torch.float32)
+    assert "read as Q4_0 levels q - 8" in str(check_dequantize_iq4_nl(q4_0_levels))
+    assert "the table is left out" in str(check_dequantize_iq4_nl(no_table))
+    assert "the nibbles are interleaved" in str(check_dequantize_iq4_nl(interleaved))
+    assert "the high nibbles come first" in str(check_dequantize_iq4_nl(high_first))
+    assert "d is read as bfloat16" in str(check_dequantize_iq4_nl(bfloat16_scale))
+    assert "d is read as float32" in str(check_dequantize_iq4_nl(float32_scale))
+    def stub(blocks):
+        raise NotImplementedError
+    r = check_dequantize_iq4_nl(stub)
+    assert not r and len(r.failures) == 1 and "not filled in yet" in str(r)
+
+    via_gguf = lambda b: torch.from_numpy(gguf.quants.dequantize(b.numpy().reshape(-1), gguf.GGMLQuantizationType.IQ4_NL)
                                           .reshape(-1, 32).copy()).float()
-    assert refused(check_dequantize_q5_0(via_gguf), "dequantize")
+    assert refused(check_dequantize_iq4_nl(via_gguf), "dequantize")
+    via_blocks = lambda b: torch.from_numpy(gguf.quants.IQ4_NL.dequantize_blocks(b.numpy()).copy()).float()
+    assert refused(check_dequantize_iq4_nl(via_blocks), "dequantize_blocks")
+    assert refused(check_dequantize_iq4_nl(CW._dequantize_iq4_nl), "_dequantize_iq4_nl")
