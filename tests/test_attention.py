@@ -375,8 +375,11 @@ def test_check_repeat_kv_refuses_the_library_and_repeat_interleave():
 @pytest.mark.parametrize("wrong,message", [
     (lambda x, n_rep: x.repeat(1, 1, n_rep, 1),
      r"output head 1 holds K/V head 1, expected K/V head 0 \(= h // n_rep\)"),
-    (lambda x, n_rep: x.repeat_interleave(n_rep, dim=1), r"repeats along seq \(axis 1\) instead of the head axis"),
-    (lambda x, n_rep: x.float().repeat_interleave(n_rep, dim=2), "dtype torch.float32, expected torch.bfloat16"),
+    # written with expand, not repeat_interleave (which the checker refuses): the mistakes, not the shortcut
+    (lambda x, n_rep: x[:, :, None].expand(-1, -1, n_rep, -1, -1).flatten(1, 2),
+     r"repeats along seq \(axis 1\) instead of the head axis"),
+    (lambda x, n_rep: x.float()[:, :, :, None].expand(-1, -1, -1, n_rep, -1).flatten(2, 3),
+     "dtype torch.float32, expected torch.bfloat16"),
     (lambda x, n_rep: x[:, :, :, None].expand(-1, -1, -1, n_rep, -1).flatten(2, 3) if n_rep > 1 else None,
      "should be a torch.Tensor, got NoneType"),
 ])
