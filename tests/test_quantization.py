@@ -815,15 +815,17 @@ def test_q8_1_reference_is_llama_cpps():
                    _float_sum_blocks()]).reshape(-1, 32)
     got = _quantize_q8_1_reference(x)
     assert got.shape == (len(x), 36)
-    q8_0 = gguf.quants.quantize(x.numpy(), QTYPE["Q8_0"]).reshape(len(x), 34)
+    with np.errstate(over="ignore"):           # edge rows near fp16's max: d and s overflow to inf, as in C
+        q8_0 = gguf.quants.quantize(x.numpy(), QTYPE["Q8_0"]).reshape(len(x), 34)
     assert np.array_equal(np.concatenate([got[:, :2].numpy(), got[:, 4:].numpy()], 1), q8_0)
     decoded = gguf.quants.dequantize(q8_0.reshape(-1), QTYPE["Q8_0"]).reshape(len(x), 32)
     # s, as the C loop computes it: int sum of the int8 q, times the float32 d (int * float -> float), then fp16
     q = q8_0[:, 2:].view(np.int8).astype(np.int32)
     d = (np.abs(x.numpy()).max(1) / np.float32(127)).astype(np.float32)
-    s_c = (q.sum(1).astype(np.float32) * d).astype(np.float32).astype(np.float16)
+    with np.errstate(over="ignore"):
+        s_c = (q.sum(1).astype(np.float32) * d).astype(np.float32).astype(np.float16)
     assert np.array_equal(got[:, 2:4].numpy().view(np.float16)[:, 0], s_c)
-    # the reference's d and q, read back by gguf's Q8_0 decoder, give q * d: s is the sum of that decoded block
+    # its d and q decode through gguf (whose Q8_1 dequantize raises NotImplementedError in gguf 0.19: Q8_0 decodes them)
     ours = np.concatenate([got[:, :2].numpy(), got[:, 4:].numpy()], 1).reshape(-1)
     assert np.array_equal(gguf.quants.dequantize(ours, QTYPE["Q8_0"]).reshape(len(x), 32), decoded)
     # the integer sum matters: summing q_j * d in float32, in C's order, rounds these blocks' s elsewhere
