@@ -33,7 +33,7 @@ from .checks.cli import check_fit_conversation as fit_conversation              
 from .checks.cli import check_prefill_per_turn as prefill_per_turn
 from .checks.quantization import check_quantize_q8_0 as quantize_q8_0, check_quantize_q4_1 as quantize_q4_1  # 08
 from .checks.quantization import check_quantize_q4_0 as quantize_q4_0, check_perplexity as perplexity
-from .checks.quantization import check_quantize_q5_0 as quantize_q5_0
+from .checks.quantization import check_quantize_q8_1 as quantize_q8_1
 from .checks.fast_cpu import check_int4_scales_and_zeros as int4_scales_and_zeros                            # 08b
 from .checks.fast_cpu import check_repack_rows8 as repack_rows8, check_q4_0_to_q4_1 as q4_0_to_q4_1
 from .checks.cuda import check_qmatvec_q4_1 as qmatvec_q4_1, check_qmatvec_swiglu as qmatvec_swiglu     # 09

@@ -2,6 +2,7 @@
 dequantizers (bit for bit), PyTorch's own ops (F.linear, kl_div), `transformers` (perplexity, from its
 own loss), the gguf reader and chapter 07's loader (GGUF export), plus bad input and the checkers."""
 import copy
+import json
 import math
 import os
 import re
@@ -18,7 +19,7 @@ gguf = pytest.importorskip("gguf")
 from course_lib.model import ModelArgs, Transformer, from_hf
 from course_lib.checks.fast_cpu import check_int4_scales_and_zeros, check_q4_0_to_q4_1, check_repack_rows8
 from course_lib.checks.quantization import (check_perplexity, check_quantize_q4_0, check_quantize_q4_1,
-                                            check_quantize_q5_0, check_quantize_q8_0)
+                                            check_quantize_q8_0, check_quantize_q8_1)
 from course_lib.evaluation import compare_models, logit_metrics, matching_prefix, perplexity
 from course_lib.fast_cpu import FastQuantModel, Int4Matmul, int4_scales_and_zeros, q8_0_as_int4, to_int4pack
 from course_lib.quant_formats import (absmax_dequantize, absmax_quantize, block_size, dequantize, fake_quantize,
@@ -785,54 +786,98 @@ def test_check_quantize_q4_0_catches_mistakes():
     assert len(check_quantize_q4_0(stub).failures) == 1
 
 
-def _q5_0(x):
-    "Exercise 1's answer (08's appendix), from scratch."
-    d = x.gather(1, x.abs().argmax(1, keepdim=True)) / -16
-    q = (x * torch.where(d == 0, 0.0, 1 / d) + 16.5).trunc().clamp(0, 31).to(torch.uint8)
-    qh = ((q >> 4).reshape(-1, 4, 8).int() << torch.arange(8)).sum(-1).to(torch.uint8)
-    low = q & 0x0F
-    return torch.cat([d.half().view(torch.uint8), qh, low[:, :16] | (low[:, 16:] << 4)], 1)
+def _appendix_q8_1():
+    "Exercise 1's answer, run from 08's appendix cell itself (its source up to the checker call)."
+    cells = json.loads((ROOT / "notebooks" / "08_quantization.ipynb").read_text())["cells"]
+    source = next("".join(c["source"]) for c in cells if "".join(c["source"]).startswith("def quantize_q8_1(x):"))
+    namespace = {"torch": torch}
+    exec(source.split("\nprint(")[0], namespace)
+    return namespace["quantize_q8_1"]
 
 
-def test_q5_0_reference_is_llama_cpps():
-    "The checker's reference for Exercise 1 against the gguf package's Q5_0, bit for bit."
-    from course_lib.checks.quantization import _quantize_q5_0_reference
-    x = torch.cat([edge_rows(), torch.randn(64, 32, generator=torch.Generator().manual_seed(9)) * 2])
-    x = x.reshape(-1, 32)
-    want = torch.from_numpy(np.ascontiguousarray(gguf.quants.quantize(x.numpy(), QTYPE["Q5_0"]))).reshape(len(x), -1)
-    assert torch.equal(_quantize_q5_0_reference(x), want)
-    assert torch.equal(_q5_0(x), want)
+def _q8_1_from(d, q, s):
+    "(n, 1) float32 d, (n, 32) q, (n, 1) float32 s -> (n, 36) Q8_1 bytes."
+    return torch.cat([d.half().view(torch.uint8), s.half().view(torch.uint8), q.to(torch.int8).view(torch.uint8)], 1)
 
 
-def test_check_quantize_q5_0():
-    "08's Exercise 1, which the reading edition does not show: accepted from scratch, typical mistakes named."
-    assert check_quantize_q5_0(_q5_0)
+def _q8_1_parts(x, signed_max=False, half_even=False):
+    "d and q as Q8_0 computes them (or with one mistake), from scratch."
+    d = (x.gather(1, x.abs().argmax(1, keepdim=True)) if signed_max else x.abs().amax(1, keepdim=True)) / 127
+    v = x * torch.where(d == 0, 0.0, 1 / d)
+    q = torch.round(v) if half_even else torch.sign(v) * (v.abs().floor() + (v.abs() - v.abs().floor() >= 0.5))
+    return d, q
 
-    def absmax(x):                                  # the magnitude alone, without the sign
-        d = x.abs().amax(1, keepdim=True) / -16
-        q = (x * torch.where(d == 0, 0.0, 1 / d) + 16.5).trunc().clamp(0, 31).to(torch.uint8)
-        qh = ((q >> 4).reshape(-1, 4, 8).int() << torch.arange(8)).sum(-1).to(torch.uint8)
-        low = q & 0x0F
-        return torch.cat([d.half().view(torch.uint8), qh, low[:, :16] | (low[:, 16:] << 4)], 1)
-    def msb_first(x):
-        out = _q5_0(x)
-        d = x.gather(1, x.abs().argmax(1, keepdim=True)) / -16
-        q = (x * torch.where(d == 0, 0.0, 1 / d) + 16.5).trunc().clamp(0, 31).to(torch.uint8)
-        out[:, 2:6] = ((q >> 4).reshape(-1, 4, 8).int() << (7 - torch.arange(8))).sum(-1).to(torch.uint8)
-        return out
-    def unmasked(x):
-        out = _q5_0(x)
-        d = x.gather(1, x.abs().argmax(1, keepdim=True)) / -16
-        q = (x * torch.where(d == 0, 0.0, 1 / d) + 16.5).trunc().clamp(0, 31).to(torch.uint8)
-        out[:, 6:] = q[:, :16] | (q[:, 16:] << 4)
-        return out
-    for wrong, message in [(absmax, "d is absmax / -16"), (msb_first, "most significant first"),
-                           (unmasked, "mask q with 0x0F"), (lambda x: _q4_0(x), "shape")]:
-        result = check_quantize_q5_0(wrong)
+
+def test_q8_1_reference_is_llama_cpps():
+    "Exercise 1's reference: d and q are gguf's Q8_0 bytes and decode through gguf; s is quantize_row_q8_1_ref's."
+    from course_lib.checks.quantization import _float_sum_blocks, _quantize_q8_1_reference
+    x = torch.cat([edge_rows(), torch.randn(64, 32, generator=torch.Generator().manual_seed(9)) * 2,
+                   _float_sum_blocks()]).reshape(-1, 32)
+    got = _quantize_q8_1_reference(x)
+    assert got.shape == (len(x), 36)
+    with np.errstate(over="ignore"):           # edge rows near fp16's max: d and s overflow to inf, as in C
+        q8_0 = gguf.quants.quantize(x.numpy(), QTYPE["Q8_0"]).reshape(len(x), 34)
+    assert np.array_equal(np.concatenate([got[:, :2].numpy(), got[:, 4:].numpy()], 1), q8_0)
+    decoded = gguf.quants.dequantize(q8_0.reshape(-1), QTYPE["Q8_0"]).reshape(len(x), 32)
+    # s, as the C loop computes it: int sum of the int8 q, times the float32 d (int * float -> float), then fp16
+    q = q8_0[:, 2:].view(np.int8).astype(np.int32)
+    d = (np.abs(x.numpy()).max(1) / np.float32(127)).astype(np.float32)
+    with np.errstate(over="ignore"):
+        s_c = (q.sum(1).astype(np.float32) * d).astype(np.float32).astype(np.float16)
+    assert np.array_equal(got[:, 2:4].numpy().view(np.float16)[:, 0], s_c)
+    # its d and q decode through gguf (whose Q8_1 dequantize raises NotImplementedError in gguf 0.19: Q8_0 decodes them)
+    ours = np.concatenate([got[:, :2].numpy(), got[:, 4:].numpy()], 1).reshape(-1)
+    assert np.array_equal(gguf.quants.dequantize(ours, QTYPE["Q8_0"]).reshape(len(x), 32), decoded)
+    # the integer sum matters: summing q_j * d in float32, in C's order, rounds these blocks' s elsewhere
+    tail = slice(len(x) - 5, None)
+    float_sum = np.zeros(5, np.float32)
+    for j in range(32):
+        float_sum = (float_sum + (q[tail, j].astype(np.float32) * d[tail]).astype(np.float32)).astype(np.float32)
+    assert (float_sum.astype(np.float16) != s_c[tail]).all()
+
+
+def test_check_quantize_q8_1():
+    "08's Exercise 1: the appendix's answer passes; the usual mistakes are named; the answers are refused."
+    answer = _appendix_q8_1()
+    assert check_quantize_q8_1(answer)
+    def s_wrong(s_of):
+        def f(x):
+            d, q = _q8_1_parts(x)
+            return _q8_1_from(d, q, s_of(x, d, q))
+        return f
+    def q8_0_layout(x):
+        d, q = _q8_1_parts(x)
+        return torch.cat([d.half().view(torch.uint8), q.to(torch.int8).view(torch.uint8)], 1)
+    def with_parts(**mistake):
+        def f(x):
+            d, q = _q8_1_parts(x, **mistake)
+            return _q8_1_from(d, q, q.sum(1, keepdim=True) * d)
+        return f
+    for wrong, message in [(s_wrong(lambda x, d, q: x.sum(1, keepdim=True)), "sum of the unrounded x"),
+                           (s_wrong(lambda x, d, q: q.sum(1, keepdim=True)), "sum(q) without d"),
+                           (s_wrong(lambda x, d, q: q.sum(1, keepdim=True) * d.half().float()), "d rounded to fp16"),
+                           (s_wrong(lambda x, d, q: (q * d).sum(1, keepdim=True)), "sums the products q * d"),
+                           (q8_0_layout, "Q8_0's 34-byte layout"),
+                           (with_parts(signed_max=True), "signed max / 127"),
+                           (with_parts(half_even=True), "half to even"),
+                           (lambda x: _q4_0(x), "shape")]:
+        result = check_quantize_q8_1(wrong)
         assert not result and message in str(result), (message, str(result))
-    assert refused(check_quantize_q5_0(_via_gguf("Q5_0")), "gguf.quants")
-    from course_lib.checks.quantization import _quantize_q5_0_reference
-    assert refused(check_quantize_q5_0(lambda x: _quantize_q5_0_reference(x)), "_quantize_q5_0_reference")
+    def stub(x):
+        raise NotImplementedError
+    assert len(check_quantize_q8_1(stub).failures) == 1
+    def via_gguf_q8_0(x):                            # gguf's Q8_0 bytes with s slotted in
+        b = _via_gguf("Q8_0")(x)
+        d = b[:, :2].contiguous().view(torch.float16).float()
+        s = b[:, 2:].view(torch.int8).float().sum(1, keepdim=True) * d
+        return torch.cat([b[:, :2], s.half().view(torch.uint8), b[:, 2:]], 1)
+    assert refused(check_quantize_q8_1(via_gguf_q8_0), "gguf.quants")
+    def via_library_q8_0(x):
+        b = quantize_q8_0(x)
+        return torch.cat([b[:, :2], torch.zeros(len(x), 2, dtype=torch.uint8), b[:, 2:]], 1)
+    assert refused(check_quantize_q8_1(via_library_q8_0), "quantize_q8_0")
+    from course_lib.checks.quantization import _quantize_q8_1_reference
+    assert refused(check_quantize_q8_1(lambda x: _quantize_q8_1_reference(x)), "_quantize_q8_1_reference")
 
 
 def _ppl(model, token_ids, context_len, stride=None, *, shift="right", per_window=False, count_first=False,
