@@ -28,7 +28,7 @@ from .checks.generation import check_top_p_filter as top_p_filter               
 from .checks.generation import check_apply_repetition_penalty as apply_repetition_penalty
 from .checks.generation import check_apply_temperature as apply_temperature, check_top_k_filter as top_k_filter
 from .checks.generation import check_min_p_filter as min_p_filter
-from .checks.generation import check_apply_presence_frequency_penalty as apply_presence_frequency_penalty
+from .checks.generation import check_top_n_sigma_filter as top_n_sigma_filter
 from .checks.cli import check_fit_conversation as fit_conversation                                            # 07d
 from .checks.cli import check_prefill_per_turn as prefill_per_turn
 from .checks.quantization import check_quantize_q8_0 as quantize_q8_0, check_quantize_q4_1 as quantize_q4_1  # 08

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from course_lib.attention import causal_mask, repeat_kv, scaled_dot_product, scaled_dot_product_gqa
-from course_lib.checks.generation import (check_apply_presence_frequency_penalty, check_apply_repetition_penalty,
+from course_lib.checks.generation import (check_apply_repetition_penalty,
                                           check_apply_temperature, check_min_p_filter, check_top_k_filter,
-                                          check_top_p_filter)
+                                          check_top_n_sigma_filter, check_top_p_filter)
 from course_lib.generation import (METHODS, GenerationStats, SamplingTable, _stream_text, apply_repetition_penalty,
                                    apply_temperature, generate,
                                    generate_stream, generate_tokens, greedy, min_p_filter, next_token_probs,
@@ -773,38 +773,40 @@ def test_sampler_checkers_refuse_the_library_answers():
                    "course_lib.generation.top_p_filter")
 
 
-def test_check_apply_presence_frequency_penalty():
-    "Exercise 4, which the reading edition does not show: OpenAI's additive penalties."
-    def answer(logits, ids, presence, frequency):
-        counts = torch.bincount(torch.as_tensor(ids, dtype=torch.long), minlength=logits.shape[-1]).to(logits.dtype)
-        return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
-    assert check_apply_presence_frequency_penalty(answer)
+def test_check_top_n_sigma_filter():
+    "Exercise 4, which the reading edition does not show: top-nσ sampling (Tang et al., 2024)."
+    def answer(logits, n):
+        kept = torch.where(logits >= logits.max() - n * logits.std(), logits, torch.full_like(logits, float("-inf")))
+        return torch.softmax(kept, dim=-1)
 
-    def once(logits, ids, presence, frequency):
-        return answer(logits, sorted(set(ids)), presence, frequency)
+    def population_sigma(logits, n):                   # σ dividing by V: the cases do not depend on it
+        threshold = logits.max() - n * logits.std(unbiased=False)
+        return torch.softmax(torch.where(logits >= threshold, logits, torch.full_like(logits, float("-inf"))), -1)
+    assert check_top_n_sigma_filter(answer) and check_top_n_sigma_filter(population_sigma)
 
-    def added(logits, ids, presence, frequency):
-        return 2 * logits - answer(logits, ids, presence, frequency)
+    def in_probs(logits, n):
+        p = torch.softmax(logits, -1)
+        kept = torch.where(p >= p.max() - n * p.std(), p, torch.zeros_like(p))
+        return kept / kept.sum()
 
-    def presence_each_time(logits, ids, presence, frequency):
-        return answer(logits, ids, 0.0, presence + frequency)
+    def not_renormalized(logits, n):
+        p = torch.softmax(logits, -1)
+        return torch.where(logits >= logits.max() - n * logits.std(), p, torch.zeros_like(p))
 
-    def swapped(logits, ids, presence, frequency):
-        return answer(logits, ids, frequency, presence)
-
-    def ctrl(logits, ids, presence, frequency):            # the chapter's penalty, not this one
-        out = logits.clone()
-        for i in set(ids):
-            out[i] = out[i] / (1 + frequency) if out[i] > 0 else out[i] * (1 + frequency)
-        return out
-    for wrong, message in [(once, "counts each seen id once"), (added, "adds the penalties"),
-                           (presence_each_time, "once per occurrence"), (swapped, "swaps the two penalties"),
-                           (ctrl, "differs")]:
-        result = check_apply_presence_frequency_penalty(wrong)
-        assert not result and message in str(result), (wrong.__name__, str(result))
-    from course_lib.checks.generation import _presence_frequency_reference
-    assert refused(check_apply_presence_frequency_penalty(lambda *a: _presence_frequency_reference(*a)),
-                   "_presence_frequency_reference")
+    def below(logits, n):
+        p = torch.softmax(logits, -1)
+        kept = torch.where(logits < logits.max() - n * logits.std(), p, torch.zeros_like(p))
+        return kept / kept.sum()
+    for wrong, message in [(in_probs, "cuts in probability space"), (not_renormalized, "does not renormalize"),
+                           (below, "keeps the tokens below the threshold"),
+                           (lambda z, n: torch.softmax(z, -1), "differs")]:
+        result = check_top_n_sigma_filter(wrong)
+        assert not result and message in str(result), (message, str(result))
+    from course_lib.checks.generation import _top_n_sigma_reference
+    assert refused(check_top_n_sigma_filter(lambda z, n: _top_n_sigma_reference(z, n)), "_top_n_sigma_reference")
+    import course_lib.generation as module
+    assert refused(check_top_n_sigma_filter(lambda z, n: module.min_p_filter(torch.softmax(z, -1), 0.5)),
+                   "course_lib.generation.min_p_filter")
 
 
 # ------------------------------------------------------------------ SmolLM2 against transformers' generate
