@@ -194,6 +194,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                                       'course_lib/checks/generation.py'),
                                               'course_lib.checks.generation._dyadic': ( 'generation.html#_dyadic',
                                                                                         'course_lib/checks/generation.py'),
+                                              'course_lib.checks.generation._filter_case': ( 'generation.html#_filter_case',
+                                                                                             'course_lib/checks/generation.py'),
                                               'course_lib.checks.generation._first_mismatch': ( 'generation.html#_first_mismatch',
                                                                                                 'course_lib/checks/generation.py'),
                                               'course_lib.checks.generation._keep_n': ( 'generation.html#_keep_n',

@@ -300,18 +300,23 @@ def _min_p_mistakes(probs: torch.Tensor, min_p: float) -> list:
             ("does not renormalize: the kept probabilities must be divided by their sum", keep(probs >= min_p * top, False))]
 
 
-def _min_p_case(probs: torch.Tensor, min_p: float):
+def _filter_case(reference, mistakes, x: torch.Tensor, param, what: str = "output"):
+    "A case for a filter `candidate(x, param)`: it must leave x alone and match reference(x, param); mistakes named."
     def run(candidate):
-        expected = min_p_filter(probs, min_p)
-        x = probs.clone()
-        got = candidate(x, min_p)
-        if not torch.equal(x, probs):
-            return "modified its input probs in place; return a new tensor"
-        problem = compare(got, expected, what="output", atol=1e-6, rtol=1e-5)
+        expected = reference(x, param)
+        given = x.clone()
+        got = candidate(given, param)
+        if not torch.equal(given, x):
+            return "modified its input in place; return a new tensor"
+        problem = compare(got, expected, what=what, atol=1e-6, rtol=1e-5)
         if problem is not None and isinstance(got, torch.Tensor) and got.shape == expected.shape:
-            problem += _first_mismatch(got, expected, _min_p_mistakes(probs, min_p))
+            problem += _first_mismatch(got, expected, mistakes(x, param))
         return problem
     return run
+
+
+def _min_p_case(probs: torch.Tensor, min_p: float):
+    return _filter_case(min_p_filter, _min_p_mistakes, probs, min_p)
 
 
 def check_min_p_filter(candidate) -> CheckResult:
@@ -362,17 +367,7 @@ def _renormalized(p: torch.Tensor, keep: torch.Tensor, dtype) -> torch.Tensor:
 
 
 def _top_n_sigma_case(logits: torch.Tensor, n: float):
-    def run(candidate):
-        expected = _top_n_sigma_reference(logits, n)
-        x = logits.clone()
-        got = candidate(x, n)
-        if not torch.equal(x, logits):
-            return "modified the logits passed in; return a new tensor"
-        problem = compare(got, expected, what="probabilities", atol=1e-6, rtol=1e-5)
-        if problem is not None and isinstance(got, torch.Tensor) and got.shape == expected.shape:
-            problem += _first_mismatch(got, expected, _top_n_sigma_mistakes(logits, n))
-        return problem
-    return run
+    return _filter_case(_top_n_sigma_reference, _top_n_sigma_mistakes, logits, n, what="probabilities")
 
 
 def check_top_n_sigma_filter(candidate) -> CheckResult:
