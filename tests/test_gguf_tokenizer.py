@@ -615,17 +615,19 @@ def test_checkers_refuse_the_library_and_its_copies_elsewhere():
 
 
 def first_misordered_merge(merges):
-    "07b's Exercise 3, answered (the notebook's appendix has the same)."
-    made = set(bytes_to_unicode().values())
+    "07b's Exercise 3, written another way than the checker's reference: the rank at which each token first exists."
+    born = {c: -1 for c in bytes_to_unicode().values()}       # single byte characters exist before any merge
     for rank, merge in enumerate(merges):
-        left, right = merge.split(" ")
-        if left not in made or right not in made:
-            return rank
-        made.add(left + right)
-    return None
+        born.setdefault(merge.replace(" ", ""), rank)
+    late = [r for r, m in enumerate(merges) if any(born.get(part, len(merges)) >= r for part in m.split(" "))]
+    return min(late, default=None)
 
 
 def test_check_first_misordered_merge():
+    # hand-made answers, independent of both implementations
+    assert first_misordered_merge(["a b", "ab c"]) is None
+    assert first_misordered_merge(["ab c", "a b"]) == 0            # "ab" is only made at rank 1
+    assert first_misordered_merge(["a b", "c d", "ab cde"]) == 2   # "cde" is never made
     assert check_first_misordered_merge(first_misordered_merge)
 
     def all_made_upfront(merges):                   # counts every merge's result as available from the start
