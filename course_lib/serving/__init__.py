@@ -1,0 +1,7 @@
+"""Chapter 11 (serving many requests): batched generation with padding masks, a paged KV cache with
+continuous batching (the Engine), speculative decoding, and an OpenAI-compatible HTTP server.
+
+This file is an index, written by hand: every module it imports is generated from the notebooks
+(11_batching: batch, paged_cache, engine; 11b_speculative: speculative; 11c_server: server).
+The model's modules know nothing of serving: serving imports the model, never the reverse.
+"""
