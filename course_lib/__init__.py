@@ -38,4 +38,5 @@ from .c_step import CDecodeStep, CCompilerError
 from .cuda import (CudaQuantModel, Backend, get_backend, gpu_available, backend_status, decode_source,  # 09
                    repack_blocks, unpack_blocks, QuantMatrix, upload_matrix, peak_bandwidth,
                    decode_bytes_per_token, tokens_per_second_bound, compile_ptx, plot_roofline)
+from .serving import generate_batch, padding_causal_mask, PagedKVCache, Engine                 # 11
 from . import check

@@ -69,7 +69,7 @@ def _rotate_pairs(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     x32 = x.float() if x.element_size() < 4 else x               # float16/bfloat16 rotate in float32
     # (batch, seq, heads, head_dim) -> (batch, seq, heads, head_dim/2) complex: z_j = x_2j + i·x_2j+1
     z = torch.view_as_complex(x32.reshape(*x.shape[:-1], -1, 2))
-    rot = freqs_cis[:, None, :]                                   # (seq, 1, head_dim/2): same angle for every head
+    rot = freqs_cis[..., None, :]   # (seq, 1, head_dim/2), or (batch, seq, 1, ...) per row: same angle for every head
     out = torch.view_as_real(z * rot).flatten(3)                  # (batch, seq, heads, head_dim)
     return out if out.dtype == x.dtype else out.type_as(x)
 

@@ -5,3 +5,6 @@ This file is an index, written by hand: every module it imports is generated fro
 (11_batching: batch, paged_cache, engine; 11b_speculative: speculative; 11c_server: server).
 The model's modules know nothing of serving: serving imports the model, never the reverse.
 """
+from .batch import left_pad, position_ids, padding_causal_mask, batch_logits, generate_batch
+from .paged_cache import slot_indices, PagedKVCache
+from .engine import Request, StepBatch, build_step, paged_attention, paged_logits, Engine
