@@ -35,6 +35,7 @@ scaled_dot_product_gqa merge_attention swiglu_backward softmax_temperature
 prefill_per_turn first_misordered_merge dequantize_iq4_nl Transformer decode_flops
 min_p_filter top_n_sigma_filter q4_0_to_q4_1 quantize_q8_1
 padding_causal_mask slot_indices shared_prefix_pages
+sse_event sampling_from_request parse_sse
 """.split()
 
 
