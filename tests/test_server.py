@@ -401,3 +401,13 @@ def test_serve_bad_options_are_one_line(args, message, capsys):
     assert main(["serve", *args]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
+
+
+def test_create_app_refuses_what_it_cannot_serve(smollm2):
+    model, tokenizer = smollm2
+    with pytest.raises(TypeError, match="tokenizer must have encode"):
+        create_app(model, "not a tokenizer")
+    with pytest.raises(TypeError, match="course_lib Transformer"):
+        create_app("not a model", tokenizer)
+    with pytest.raises(ValueError, match="model_id"):
+        create_app(model, tokenizer, model_id="")

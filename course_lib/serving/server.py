@@ -308,6 +308,9 @@ def create_app(model, tokenizer, model_id: str = "smollm2", max_batch_size: int 
 
     if not isinstance(model_id, str) or not model_id:
         raise ValueError(f"model_id must be a non-empty str, got {model_id!r}")
+    if not all(hasattr(tokenizer, a) for a in ("encode", "decode", "apply_chat_template", "eos_id", "vocab_size")):
+        raise TypeError(f"tokenizer must have encode, decode, apply_chat_template, eos_id and vocab_size "
+                        f"(a GGUFTokenizer, say), got {type(tokenizer).__name__}")
     engine = Engine(model, max_batch_size=max_batch_size, page_size=page_size, n_pages=n_pages,
                     max_step_tokens=max_step_tokens)
     engine_loop = EngineLoop(engine)
