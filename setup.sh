@@ -33,7 +33,7 @@ if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
   "${pip[@]}" install "${torch_args[@]}"
 fi
 
-"${pip[@]}" install -e ".[course,dev]"
+"${pip[@]}" install -e ".[course,dev,serve]"
 # nbdev-export loads the course's export processor (pyproject.toml's export_procs) from tools/: put it on the path
 .venv/bin/python -c 'import site, sys; open(site.getsitepackages()[0] + "/course_lib_tools.pth", "w").write(sys.argv[1] + "\n")' "$PWD/tools"
 
@@ -48,7 +48,7 @@ if [[ " $* " == *" --gpu "* ]]; then
     *) echo "setup.sh --gpu: the driver supports CUDA '${cuda:-?}'; chapter 09 needs CUDA 12 or 13" >&2; exit 1 ;;
   esac
   echo "setup.sh: driver supports CUDA $cuda: installing .[$extra]"
-  "${pip[@]}" install -e ".[course,dev,$extra]"
+  "${pip[@]}" install -e ".[course,dev,serve,$extra]"
 fi
 .venv/bin/python -c 'import torch, course_lib; print(f"course_lib {course_lib.__version__} ready: torch {torch.__version__}, " + ("CUDA " + torch.version.cuda if torch.version.cuda else "CPU build"))'
 

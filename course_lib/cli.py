@@ -232,6 +232,45 @@ def _add_grade_command(commands) -> None:
                         "course's tests/ and the submissions' folders are always hidden)")
     p.set_defaults(run=_run_grade)
 
+# %% ../notebooks/07d_cli.ipynb #c1beb2cc
+def _serving_model(a):
+    "The Engine batches a Transformer: float32 (fused), or chapter 08's quantize_model() for --quant."
+    if a.quant == "none":
+        return load_model(a.model, a.max_seq_len)
+    from course_lib.quant_model import quantize_model                 # chapter 08
+    if a.max_seq_len is not None and a.max_seq_len < 1:
+        raise ValueError(f"--max-seq-len must be >= 1, got {a.max_seq_len}")
+    float_model, tokenizer = _load_float(a.model, a.max_seq_len)
+    return quantize_model(float_model, a.quant), tokenizer
+
+
+def _run_serve(a) -> None:
+    try:                                                  # chapter 11c and its extra: imported when the command runs
+        import fastapi, uvicorn  # noqa: F401,E401
+        from course_lib.serving import server
+    except ImportError as e:
+        raise ImportError(f"serve needs FastAPI and uvicorn: pip install -e '.[serve]' ({e})") from None
+    if a.max_batch_size < 1:
+        raise ValueError(f"--max-batch-size must be >= 1, got {a.max_batch_size}")
+    if not 0 <= a.port < 65536:
+        raise ValueError(f"--port must be in 0..65535, got {a.port}")
+    model, tokenizer = _serving_model(a)
+    model_id = "smollm2" if a.model == "smollm2" else Path(a.model).stem
+    print(f"serving {model_id!r} at http://{a.host}:{a.port}/v1 (OpenAI's API; Ctrl-C stops)", file=sys.stderr)
+    server.serve(model, tokenizer, host=a.host, port=a.port, model_id=model_id, max_batch_size=a.max_batch_size)
+
+
+def _add_serve_command(commands) -> None:
+    p = commands.add_parser("serve", help="an OpenAI-compatible HTTP server (chapter 11c) that batches concurrent requests")
+    p.add_argument("--model", default="smollm2", help="'smollm2' (default) or the path of a .gguf file")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    p.add_argument("--quant", choices=QUANT_CHOICES, default="none",
+                   help="quantize the weights with chapter 08's quantize_model (default none: float32)")
+    p.add_argument("--max-batch-size", type=int, default=8, help="requests the Engine runs at once (default 8)")
+    p.add_argument("--max-seq-len", type=int, default=None, help="context of each request, prompt and answer (default: the loader's)")
+    p.set_defaults(run=_run_serve)
+
 # %% ../notebooks/07d_cli.ipynb #d6deb375
 def main(argv=None) -> int:
     "`python -m course_lib COMMAND ...`: returns the exit code (0 ok, 1 error, 2 bad command line)."
@@ -242,6 +281,7 @@ def main(argv=None) -> int:
     _add_generate_command(commands)
     _add_chat_command(commands)
     _add_grade_command(commands)
+    _add_serve_command(commands)
     args = parser.parse_args(argv)   # a bad command line exits with code 2 and a usage line
     try:
         args.run(args)

@@ -15,7 +15,7 @@ def _split(spec: str):
     return name, version.replace(" ", "")
 
 
-def pyproject_specs(extras=("course", "dev")):
+def pyproject_specs(extras=("course", "dev", "serve")):
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     specs = list(project["dependencies"])
     for extra in extras:

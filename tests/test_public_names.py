@@ -21,7 +21,7 @@ pretokenize quantize quantize_model read_gguf render_chat_template repack_blocks
 rotate_half sample_next_token sampling_table save_quantized scaled_dot_product tokens_per_second_bound
 top_k_filter top_p_filter train_sentencepiece unpack_blocks upload_matrix weight_bytes
 Decoder validate_decode_input fuse_model is_fused FusedAttention FusedFeedForward fit_conversation
-generate_batch padding_causal_mask PagedKVCache Engine
+generate_batch padding_causal_mask PagedKVCache Engine create_app ServerThread
 """.split()
 
 CHECKERS = """
@@ -35,6 +35,7 @@ scaled_dot_product_gqa merge_attention swiglu_backward softmax_temperature
 prefill_per_turn first_misordered_merge dequantize_iq4_nl Transformer decode_flops
 min_p_filter top_n_sigma_filter q4_0_to_q4_1 quantize_q8_1
 padding_causal_mask slot_indices shared_prefix_pages
+sse_event sampling_from_request parse_sse
 """.split()
 
 
