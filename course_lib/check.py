@@ -38,3 +38,6 @@ from .checks.fast_cpu import check_int4_scales_and_zeros as int4_scales_and_zero
 from .checks.fast_cpu import check_repack_rows8 as repack_rows8, check_q4_0_to_q4_1 as q4_0_to_q4_1
 from .checks.cuda import check_qmatvec_q4_1 as qmatvec_q4_1, check_qmatvec_swiglu as qmatvec_swiglu     # 09
 from .checks.gpu_decoder import check_add_rms_norm as add_rms_norm, check_softmax_temperature as softmax_temperature  # 09b
+from .checks.speculative import check_verify_greedy as verify_greedy, check_verify_sampled as verify_sampled  # 11b
+from .checks.speculative import check_residual_distribution as residual_distribution
+from .checks.speculative import check_acceptance_probability as acceptance_probability

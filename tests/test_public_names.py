@@ -33,6 +33,7 @@ int4_scales_and_zeros repack_rows8 decode_complete rope_shift
 scaled_dot_product_gqa merge_attention swiglu_backward softmax_temperature
 prefill_per_turn first_misordered_merge dequantize_iq4_nl Transformer decode_flops
 min_p_filter top_n_sigma_filter q4_0_to_q4_1 quantize_q8_1
+verify_greedy verify_sampled residual_distribution acceptance_probability
 """.split()
 
 
