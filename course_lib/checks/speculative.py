@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['check_verify_greedy', 'check_residual_distribution', 'check_verify_sampled', 'check_acceptance_probability']
 
-# %% ../../notebooks/11b_speculative.ipynb #921a05c0
+# %% ../../notebooks/11b_speculative.ipynb #85f40d92
 import torch
 
 from ..checking import Case, CheckResult, compare, run_cases
@@ -25,7 +25,7 @@ def _ids_problem(got, expected: list):
         return f"returned {got}, expected {expected}"
     return None
 
-# %% ../../notebooks/11b_speculative.ipynb #16c09297
+# %% ../../notebooks/11b_speculative.ipynb #ac895065
 def _greedy_case(target_argmax, draft_tokens, expected: list):
     def run(candidate):
         return _ids_problem(candidate(target_argmax, list(draft_tokens)), expected)
@@ -56,7 +56,7 @@ def check_verify_greedy(candidate) -> CheckResult:
     ]
     return run_cases("verify_greedy", candidate, cases, forbidden=_VERIFIERS)
 
-# %% ../../notebooks/11b_speculative.ipynb #8b6ea934
+# %% ../../notebooks/11b_speculative.ipynb #b7201c6a
 def _dist(*ps) -> torch.Tensor:
     return torch.tensor(ps, dtype=torch.float32)
 
@@ -105,7 +105,7 @@ def check_residual_distribution(candidate) -> CheckResult:
     ]
     return run_cases("residual_distribution", candidate, cases, forbidden=_VERIFIERS)
 
-# %% ../../notebooks/11b_speculative.ipynb #65485e0f
+# %% ../../notebooks/11b_speculative.ipynb #3b13f58e
 def _sampled_case(p: torch.Tensor, q: torch.Tensor, drafts: list, expected: list, seeds: int = 20):
     "Every seed gives `expected`: the accept/reject outcome is certain, and so is the token drawn after it."
     def run(candidate):
@@ -162,7 +162,7 @@ def check_verify_sampled(candidate) -> CheckResult:
     ]
     return run_cases("verify_sampled", candidate, cases, forbidden=_VERIFIERS)
 
-# %% ../../notebooks/11b_speculative.ipynb #1dfde67f
+# %% ../../notebooks/11b_speculative.ipynb #2edad049
 def _acceptance_reference(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     "The chance that a draft drawn from q passes rejection sampling against p: sum_x min(p(x), q(x)). (..., vocab) -> (...)."
     return torch.minimum(p, q).sum(dim=-1)

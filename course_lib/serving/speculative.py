@@ -4,7 +4,7 @@
 __all__ = ['expected_tokens_per_forward', 'verify_greedy', 'residual_distribution', 'verify_sampled', 'layer_skip_draft',
            'SpeculativeStats', 'speculative_generate']
 
-# %% ../../notebooks/11b_speculative.ipynb #e20d301c
+# %% ../../notebooks/11b_speculative.ipynb #02bd859f
 import copy
 import dataclasses
 from dataclasses import dataclass
@@ -18,7 +18,7 @@ from ..generation import _check_prompt_ids, _check_probs, _check_seed, _optional
 from ..generation import next_token_probs, sampling_settings
 from ..model import Transformer
 
-# %% ../../notebooks/11b_speculative.ipynb #a96ed0b4
+# %% ../../notebooks/11b_speculative.ipynb #0d792fab
 def _check_k(k) -> int:
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"k must be an int >= 1 (draft tokens per step), got {k!r}")
@@ -52,7 +52,7 @@ def _check_verify_inputs(p, q, draft_tokens) -> list:
         raise ValueError(f"draft_tokens contains {bad[0]}, outside the vocabulary [0, {p.shape[-1]})")
     return ids
 
-# %% ../../notebooks/11b_speculative.ipynb #2aad0b94
+# %% ../../notebooks/11b_speculative.ipynb #f8b471da
 def expected_tokens_per_forward(acceptance_rate: float, k: int) -> float:
     "Expected new tokens per verify pass when each of k drafts is accepted with probability a: (1 - a^(k+1)) / (1 - a)."
     if isinstance(acceptance_rate, bool) or not isinstance(acceptance_rate, (int, float)) \
@@ -64,7 +64,7 @@ def expected_tokens_per_forward(acceptance_rate: float, k: int) -> float:
         return float(k + 1)
     return (1 - a ** (k + 1)) / (1 - a)           # 1 + a + a² + ... + a^k
 
-# %% ../../notebooks/11b_speculative.ipynb #1e89dfc2
+# %% ../../notebooks/11b_speculative.ipynb #f1e5a7b8
 def verify_greedy(target_argmax, draft_tokens) -> list:
     "Greedy verification: the drafts up to the first one the target disagrees with, then the target's own token. target_argmax (k+1,), draft_tokens (k,) -> 1..k+1 ids."
     target_argmax = [int(t) for t in target_argmax]
@@ -79,7 +79,7 @@ def verify_greedy(target_argmax, draft_tokens) -> list:
         out.append(proposed)
     return out + [target_argmax[-1]]              # all k accepted: the target's next token comes free
 
-# %% ../../notebooks/11b_speculative.ipynb #14b02a4b
+# %% ../../notebooks/11b_speculative.ipynb #df4fa576
 def _residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     "residual_distribution without the input checks (verify_sampled checked them already)."
     excess = torch.clamp(p - q, min=0)                        # (..., vocab): the mass p has and q lacks
@@ -92,7 +92,7 @@ def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     _check_pair(p, q)
     return _residual(p, q)
 
-# %% ../../notebooks/11b_speculative.ipynb #452aa031
+# %% ../../notebooks/11b_speculative.ipynb #a5f93ac3
 def verify_sampled(p: torch.Tensor, q: torch.Tensor, draft_tokens, generator: Optional[torch.Generator] = None) -> list:
     "Rejection sampling: accept draft i with probability min(1, p_i(x)/q_i(x)); at the first rejection draw from the residual and stop; all accepted: one bonus draw from p_k. p (k+1, vocab), q (k, vocab) -> 1..k+1 ids."
     draft_tokens = _check_verify_inputs(p, q, draft_tokens)
@@ -106,7 +106,7 @@ def verify_sampled(p: torch.Tensor, q: torch.Tensor, draft_tokens, generator: Op
         return out + [int(torch.multinomial(residual, 1, generator=generator))]
     return out + [int(torch.multinomial(p[-1], 1, generator=generator))]   # the bonus token, from the target
 
-# %% ../../notebooks/11b_speculative.ipynb #0de92e81
+# %% ../../notebooks/11b_speculative.ipynb #7ebcf1cd
 def _attention_with_own_cache(attention: Attention) -> Attention:
     "A twin of an Attention (or FusedAttention): the same weight modules, an empty KV cache of its own."
     twin = copy.copy(attention)                  # same class and settings, but copy.copy shares the module tables...
@@ -141,7 +141,7 @@ def layer_skip_draft(model: Transformer, n_layers: int) -> Transformer:
         draft.quant_config = dict(model.quant_config)
     return draft.train(model.training)
 
-# %% ../../notebooks/11b_speculative.ipynb #f50d93f3
+# %% ../../notebooks/11b_speculative.ipynb #808e65d3
 @dataclass
 class SpeculativeStats:
     "What one speculative_generate run did: draft tokens proposed and accepted, forward passes of each model."
@@ -168,7 +168,7 @@ class SpeculativeStats:
                 f"({self.tokens_per_target_forward:.2f} per forward); {self.accepted} of {self.accepted + self.rejected} "
                 f"judged drafts accepted ({self.acceptance_rate:.0%}); {self.draft_forwards} draft forwards")
 
-# %% ../../notebooks/11b_speculative.ipynb #68476858
+# %% ../../notebooks/11b_speculative.ipynb #250906c9
 def _check_models(target, draft) -> None:
     "Both decoders (chapter 06's contract), distinct, with their own KV caches and one vocabulary."
     for role, model in (("target", target), ("draft", draft)):
@@ -198,7 +198,7 @@ def _check_lengths(target, draft, prompt: list, max_new_tokens) -> int:
                              f"{len(prompt) + max_new_tokens} exceeds the {role}'s max_seq_len={model.args.max_seq_len}")
     return max_new_tokens
 
-# %% ../../notebooks/11b_speculative.ipynb #bbedecb9
+# %% ../../notebooks/11b_speculative.ipynb #c464c532
 def speculative_generate(target, draft, prompt_ids, max_new_tokens: int, k: int = 4, method: str = "greedy",
                          temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
                          min_p: Optional[float] = None, seed: Optional[int] = None,
@@ -221,7 +221,7 @@ def speculative_generate(target, draft, prompt_ids, max_new_tokens: int, k: int 
         tokens = _speculate(target, draft, prompt, max_new_tokens, k, settings, generator, eos_id, stats)
     return tokens, stats
 
-# %% ../../notebooks/11b_speculative.ipynb #ca224a52
+# %% ../../notebooks/11b_speculative.ipynb #200377a5
 def _first_token(logits: torch.Tensor, settings: Optional[dict], generator) -> int:
     "The token after the prompt, as generate_tokens picks it. logits (vocab,)."
     if settings is None:
@@ -258,7 +258,7 @@ def _verify(logits: torch.Tensor, q, drafts: list, settings, generator) -> list:
         q = p.new_zeros(0, p.shape[-1])                                       # (0, vocab): no drafts
     return verify_sampled(p, q, drafts, generator)
 
-# %% ../../notebooks/11b_speculative.ipynb #e9781732
+# %% ../../notebooks/11b_speculative.ipynb #2c7b76db
 def _speculate(target, draft, prompt, max_new_tokens, k, settings, generator, eos_id, stats) -> list:
     "The loop behind speculative_generate: draft k, verify k+1 in one target pass, keep both caches right."
     device, out = decoder_device(target), []
