@@ -39,5 +39,6 @@ from .cuda import (CudaQuantModel, Backend, get_backend, gpu_available, backend_
                    repack_blocks, unpack_blocks, QuantMatrix, upload_matrix, peak_bandwidth,
                    decode_bytes_per_token, tokens_per_second_bound, compile_ptx, plot_roofline)
 from .serving import generate_batch, padding_causal_mask, PagedKVCache, Engine                 # 11
+from .serving import speculative_generate, SpeculativeStats, layer_skip_draft                  # 11b
 from .serving import create_app, ServerThread                                               # 11c
 from . import check

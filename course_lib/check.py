@@ -40,5 +40,8 @@ from .checks.cuda import check_qmatvec_q4_1 as qmatvec_q4_1, check_qmatvec_swigl
 from .checks.gpu_decoder import check_add_rms_norm as add_rms_norm, check_softmax_temperature as softmax_temperature  # 09b
 from .checks.serving import check_padding_causal_mask as padding_causal_mask                           # 11
 from .checks.serving import check_slot_indices as slot_indices, check_shared_prefix_pages as shared_prefix_pages
+from .checks.speculative import check_verify_greedy as verify_greedy, check_verify_sampled as verify_sampled  # 11b
+from .checks.speculative import check_residual_distribution as residual_distribution
+from .checks.speculative import check_acceptance_probability as acceptance_probability
 from .checks.server import check_sse_event as sse_event, check_sampling_from_request as sampling_from_request  # 11c
 from .checks.server import check_parse_sse as parse_sse

@@ -22,6 +22,7 @@ rotate_half sample_next_token sampling_table save_quantized scaled_dot_product t
 top_k_filter top_p_filter train_sentencepiece unpack_blocks upload_matrix weight_bytes
 Decoder validate_decode_input fuse_model is_fused FusedAttention FusedFeedForward fit_conversation
 generate_batch padding_causal_mask PagedKVCache Engine create_app ServerThread
+speculative_generate SpeculativeStats layer_skip_draft
 """.split()
 
 CHECKERS = """
@@ -36,6 +37,7 @@ prefill_per_turn first_misordered_merge dequantize_iq4_nl Transformer decode_flo
 min_p_filter top_n_sigma_filter q4_0_to_q4_1 quantize_q8_1
 padding_causal_mask slot_indices shared_prefix_pages
 sse_event sampling_from_request parse_sse
+verify_greedy verify_sampled residual_distribution acceptance_probability
 """.split()
 
 

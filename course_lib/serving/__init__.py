@@ -8,5 +8,7 @@ The model's modules know nothing of serving: serving imports the model, never th
 from .batch import left_pad, position_ids, padding_causal_mask, batch_logits, generate_batch
 from .paged_cache import slot_indices, PagedKVCache
 from .engine import Request, StepBatch, build_step, paged_attention, paged_logits, Engine
+from .speculative import (speculative_generate, SpeculativeStats, layer_skip_draft, verify_greedy, verify_sampled,
+                          residual_distribution, expected_tokens_per_forward)
 from .server import (BadRequest, openai_error, sse_event, sampling_from_request, TextStream, parse_request,
                      EngineLoop, create_app, ServerThread, serve)
