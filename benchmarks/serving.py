@@ -8,6 +8,7 @@ implementations do the same useful work). Throughput = the tokens the requests a
 the time from the start until a request has all its tokens; a static batch hands every answer back at the end.
 A static batch decodes as many steps as its longest request and throws the rest away: that is its waste.
 The implementations take turns, run after run; medians are printed. Chapter 11 (notebooks/11_batching.ipynb).
+Then, in the same run, speculative decoding against plain decoding (chapter 11b; benchmarks/speculative.py).
 """
 import argparse
 import functools
@@ -89,6 +90,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-batch-size", type=int, default=8, help="the Engine's (a second row uses all requests)")
     parser.add_argument("--no-transformers", action="store_true")
+    parser.add_argument("--no-speculative", action="store_true", help="skip the speculative-decoding table")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     path = fetch_smollm2()
@@ -134,6 +136,12 @@ def main(argv=None) -> int:
         rate = useful / wall
         base = base or rate
         print(f"{name:42s} {rate:9.1f} {wall:7.1f} {mean_lat:15.1f} {p90:14.1f}   {rate / base:4.1f}x")
+    if not args.no_speculative:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import speculative
+        print(f"\nspeculative decoding (chapter 11b), one request at a time: {len(speculative.PROMPTS)} prompts × 64 "
+              f"new tokens, k=4, target float32 fused, median of {args.runs} runs")
+        print(speculative.table(speculative.measure(64, args.runs, 4, args.threads, progress=lambda s: None)))
     return 0
 
 
