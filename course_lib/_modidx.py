@@ -402,6 +402,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                                'course_lib/checks/speculative.py'),
                                                'course_lib.checks.speculative._marginal_case': ( 'speculative.html#_marginal_case',
                                                                                                  'course_lib/checks/speculative.py'),
+                                               'course_lib.checks.speculative._named_mistake': ( 'speculative.html#_named_mistake',
+                                                                                                 'course_lib/checks/speculative.py'),
                                                'course_lib.checks.speculative._residual_case': ( 'speculative.html#_residual_case',
                                                                                                  'course_lib/checks/speculative.py'),
                                                'course_lib.checks.speculative._residual_mistakes': ( 'speculative.html#_residual_mistakes',

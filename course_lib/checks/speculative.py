@@ -25,6 +25,15 @@ def _ids_problem(got, expected: list):
         return f"returned {got}, expected {expected}"
     return None
 
+
+def _named_mistake(problem: str, got, expected, mistakes: list, atol: float = 1e-6, rtol: float = 1e-5) -> str:
+    "problem, plus which known mistake (description, its output) got reproduces, if any."
+    for description, wrong in mistakes:
+        if not torch.allclose(wrong.double(), expected.double()) and \
+                compare(got, wrong, atol=atol, rtol=rtol, check_dtype=False) is None:
+            return problem + f"; your output matches a version that {description}"
+    return problem
+
 # %% ../../notebooks/11b_speculative.ipynb #ac895065
 def _greedy_case(target_argmax, draft_tokens, expected: list):
     def run(candidate):
@@ -80,10 +89,7 @@ def _residual_case(p: torch.Tensor, q: torch.Tensor):
             return "modified p or q in place; return a new tensor"
         problem = compare(got, expected, what="output", atol=1e-6, rtol=1e-5)
         if problem is not None and isinstance(got, torch.Tensor) and got.shape == expected.shape:
-            for description, wrong in _residual_mistakes(p, q):
-                if not torch.allclose(wrong, expected) and compare(got, wrong, atol=1e-6, rtol=1e-5,
-                                                                    check_dtype=False) is None:
-                    return problem + f"; your output matches a version that {description}"
+            return _named_mistake(problem, got, expected, _residual_mistakes(p, q))
         return problem
     return run
 
@@ -182,10 +188,7 @@ def _acceptance_case(p: torch.Tensor, q: torch.Tensor):
                     ("averages min(1, p/q) over the vocabulary instead of weighting it by q",
                      torch.clamp(p / q, max=1).mean(-1)),
                     ("computes 1 - sum |p - q| (twice the total-variation distance)", 1 - (p - q).abs().sum(-1))]
-        for description, wrong in mistakes:
-            if not torch.allclose(wrong, expected) and torch.allclose(got.double(), wrong.double(), atol=1e-6):
-                return problem + f"; your output matches a version that {description}"
-        return problem
+        return _named_mistake(problem, got, expected, mistakes)
     return run
 
 
