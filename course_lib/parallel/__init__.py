@@ -1,0 +1,6 @@
+"""Chapter 12 (beyond one device): tensor parallelism over torch.distributed (gloo on CPUs, the same code with
+nccl on GPUs), Hugging Face's tensor-parallel slicing, and Mixture-of-Experts with expert parallelism.
+
+This file is an index, written by hand: every module it imports is generated from the notebooks
+(12_tensor_parallel, 12b_moe). Parallelism imports the model, never the reverse.
+"""
