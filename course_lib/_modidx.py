@@ -1277,8 +1277,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                          'course_lib/serving/engine.py'),
                                            'course_lib.serving.engine.StepBatch': ( 'batching.html#stepbatch',
                                                                                     'course_lib/serving/engine.py'),
-                                           'course_lib.serving.engine._as_count': ( 'batching.html#_as_count',
-                                                                                    'course_lib/serving/engine.py'),
                                            'course_lib.serving.engine._block_diagonal': ( 'batching.html#_block_diagonal',
                                                                                           'course_lib/serving/engine.py'),
                                            'course_lib.serving.engine.build_step': ( 'batching.html#build_step',

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['Request', 'StepBatch', 'build_step', 'paged_attention', 'paged_logits', 'Engine']
 
-# %% ../../notebooks/11_batching.ipynb #5b2361d6
+# %% ../../notebooks/11_batching.ipynb #0cb46b2c
 import itertools
 import math
 from collections import deque
@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from ..attention import causal_mask
+from ..attention import _as_int, causal_mask
 from ..generation import _check_prompt_ids, _check_seed, _optional_id, sampling_settings
 from ..model import Transformer
 from .batch import _pick
@@ -108,7 +108,7 @@ def paged_logits(model: Transformer, cache: PagedKVCache, step: StepBatch) -> to
             h = h + layer.feed_forward(layer.ffn_norm(h))
         return model.output(model.norm(h[0, step.last])).float()          # (requests that predict, vocab)
 
-# %% ../../notebooks/11_batching.ipynb #d2c06af3
+# %% ../../notebooks/11_batching.ipynb #a3f0dc0b
 class Engine:
     "Continuous batching over a paged KV cache, after vLLM's LLMEngine: add_request(), then step() until no request is left."
     def __init__(self, model: Transformer, max_batch_size: int = 8, page_size: int = 16, n_pages: Optional[int] = None,
@@ -116,14 +116,14 @@ class Engine:
         if not isinstance(model, Transformer):
             raise TypeError(f"model must be a course_lib Transformer (float or quantize_model()'d), got {type(model).__name__}")
         self.model, a = model, model.args
-        self.max_batch_size = _as_count("max_batch_size", max_batch_size)
-        self.max_step_tokens = _as_count("max_step_tokens", max_step_tokens)
-        page_size = _as_count("page_size", page_size)
+        self.max_batch_size = _as_int("max_batch_size", max_batch_size, 1)
+        self.max_step_tokens = _as_int("max_step_tokens", max_step_tokens, 1)
+        page_size = _as_int("page_size", page_size, 1)
         if n_pages is None:      # room for max_batch_size sequences of up to 1024 tokens: ~377 MB for SmolLM2
             n_pages = math.ceil(self.max_batch_size * min(a.max_seq_len, 1024) / page_size)
         with torch.inference_mode():
             dtype = model.tok_embeddings(torch.zeros(1, 1, dtype=torch.long, device=model.device)).dtype
-        self.cache = PagedKVCache(a.n_layers, _as_count("n_pages", n_pages), page_size, a.n_kv_heads, a.head_dim,
+        self.cache = PagedKVCache(a.n_layers, _as_int("n_pages", n_pages, 1), page_size, a.n_kv_heads, a.head_dim,
                                   dtype=dtype, device=model.device)
         self.waiting, self.running, self.requests = deque(), [], {}
         self._ids = itertools.count()
@@ -252,11 +252,3 @@ class Engine:
             elif len(req.output) == req.max_new_tokens:
                 self._finish(req, "length")
         return produced
-
-
-def _as_count(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
