@@ -263,10 +263,11 @@ def args_from_hf_config(config, max_seq_len: Optional[int] = None) -> ModelArgs:
         raise ValueError(f"the config's rms_norm_eps must be a positive finite number, got {norm_eps!r}")
     moe = {}
     if model_type == "mixtral":                           # chapter 12b
-        moe = dict(n_experts=_hf_size(config, "num_local_experts"), n_experts_per_tok=_hf_size(config, "num_experts_per_tok"))
+        moe = dict(n_experts=_hf_size(config, "num_local_experts"),
+                   n_experts_per_tok=_hf_size(config, "num_experts_per_tok"))
         window = getattr(config, "sliding_window", None)
         if window is not None and window < (max_seq_len or _hf_size(config, "max_position_embeddings")):
-            raise ValueError(f"sliding_window={window} attention is not supported (this course attends to every position)")
+            raise ValueError(f"sliding_window={window} attention is not supported (the course attends to every position)")
     return ModelArgs(dim=dim, n_layers=_hf_size(config, "num_hidden_layers"), n_heads=n_heads,
                      n_kv_heads=_hf_size(config, "num_key_value_heads", optional=True) or n_heads,
                      vocab_size=_hf_size(config, "vocab_size"), hidden_dim=_hf_size(config, "intermediate_size"),
@@ -277,7 +278,8 @@ def args_from_hf_config(config, max_seq_len: Optional[int] = None) -> ModelArgs:
 
 def _hf_experts(w, p: str, q: str, args: ModelArgs) -> dict:
     "Our names for a Mixtral layer's router and experts: stacked (transformers 5) or one module per expert (4.x)."
-    ours, h = {q + "feed_forward.gate.weight": w(p + "mlp.gate.weight", p + "block_sparse_moe.gate.weight")}, args.ffn_hidden_dim
+    h = args.ffn_hidden_dim
+    ours = {q + "feed_forward.gate.weight": w(p + "mlp.gate.weight", p + "block_sparse_moe.gate.weight")}
     stacked = w.has(p + "mlp.experts.gate_up_proj")
     if stacked:                                            # (n_experts, 2·hidden, dim): gate rows, then up rows
         gate_up, down = w(p + "mlp.experts.gate_up_proj"), w(p + "mlp.experts.down_proj")
@@ -293,7 +295,7 @@ def _hf_experts(w, p: str, q: str, args: ModelArgs) -> dict:
 
 
 def from_hf(hf_model, max_seq_len: Optional[int] = None, max_bytes: Optional[int] = None) -> Transformer:
-    "Build a Transformer from a transformers LlamaForCausalLM: config, weights, q/k permutation, tied embeddings."
+    "Build a Transformer from a LlamaForCausalLM or MixtralForCausalLM: config, weights, q/k permutation, tied embeddings."
     args = args_from_hf_config(hf_model.config, max_seq_len)
     guard_model_size(args, max_bytes)
     sd = hf_model.state_dict()

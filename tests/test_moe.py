@@ -271,3 +271,25 @@ def test_checkers_catch_typical_mistakes():
         return ((one_hot.cumsum(0) * one_hot).sum(-1) - 1 < capacity).reshape(experts.shape)
     result = check_keep_within_capacity(token_major)
     assert not result and "token-major" in str(result)
+
+
+@pytest.mark.parametrize("norm_topk_prob", [False, True])
+def test_norm_topk_prob_matches_qwen3_moe_block(norm_topk_prob):
+    qwen = pytest.importorskip("transformers.models.qwen3_moe.modeling_qwen3_moe")
+    config = transformers.Qwen3MoeConfig(hidden_size=16, moe_intermediate_size=24, num_experts=6, num_experts_per_tok=2,
+                                         norm_topk_prob=norm_topk_prob, num_attention_heads=2, num_key_value_heads=1)
+    torch.manual_seed(4)
+    block = qwen.Qwen3MoeSparseMoeBlock(config).eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_()                                  # the router starts at zeros: give it something to choose
+    ours = MoEFeedForward(16, 24, 6, 2, norm_topk_prob=norm_topk_prob)
+    gate_up, down = block.experts.gate_up_proj.detach(), block.experts.down_proj.detach()
+    state = {"gate.weight": block.gate.weight.detach()}
+    for e in range(6):
+        state.update({f"experts.{e}.w1.weight": gate_up[e, :24], f"experts.{e}.w3.weight": gate_up[e, 24:],
+                      f"experts.{e}.w2.weight": down[e]})
+    ours.load_state_dict(state)
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        assert torch.allclose(ours(x), block(x), atol=1e-5)

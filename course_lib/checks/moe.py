@@ -35,7 +35,8 @@ def _routing_case(logits, k, normalize):
         weights, experts = got
         if not isinstance(experts, torch.Tensor) or experts.is_floating_point():
             return "experts must be an integer tensor of expert indices (torch.topk's .indices)"
-        if not isinstance(weights, torch.Tensor) or weights.shape != (logits.shape[0], k) or experts.shape != weights.shape:
+        shape = (logits.shape[0], k)
+        if not isinstance(weights, torch.Tensor) or weights.shape != shape or experts.shape != shape:
             return f"weights and experts must both have shape (tokens, k) = {(logits.shape[0], k)}"
         with torch.no_grad():
             ref_w, ref_e = _sorted_by_expert(*_reference_routing(logits, k, normalize))
@@ -43,7 +44,8 @@ def _routing_case(logits, k, normalize):
         if not torch.equal(e, ref_e):
             return "picked the wrong experts: each token keeps the k experts with the LARGEST logits"
         problem = compare(w, ref_w, what="weights", atol=1e-6, rtol=1e-5)
-        if problem is not None and normalize and torch.allclose(w, _sorted_by_expert(*_reference_routing(logits, k, False))[0]):
+        unnormalised = _sorted_by_expert(*_reference_routing(logits, k, False))[0]
+        if problem is not None and normalize and torch.allclose(w, unnormalised):
             problem += " (looks like the softmax over ALL experts without renormalising the k kept ones to sum to 1)"
         elif problem is not None and not normalize and torch.allclose(w, ref_w / ref_w.sum(-1, keepdim=True)):
             problem += " (normalize=False keeps the full softmax's probabilities: do not renormalise)"
@@ -62,7 +64,8 @@ def check_top_k_routing(candidate) -> CheckResult:
     cases = [
         Case("8 tokens, 4 experts, k=2, normalize=True (Mixtral)", _routing_case(_logits(8, 4), 2, True),
              "softmax over all n_experts logits, torch.topk(k), then divide the k weights by their sum"),
-        Case("8 tokens, 8 experts, k=2, normalize=False (Qwen3-MoE's default)", _routing_case(_logits(8, 8, seed=1), 2, False),
+        Case("8 tokens, 8 experts, k=2, normalize=False (Qwen3-MoE's default)",
+             _routing_case(_logits(8, 8, seed=1), 2, False),
              "without normalize, the weights are the full softmax's probabilities of the k chosen experts"),
         Case("5 tokens, 6 experts, k=1: normalised, every weight is 1", _routing_case(_logits(5, 6, seed=2), 1, True),
              "one expert per token: after renormalising, its weight is exactly 1"),
@@ -126,7 +129,8 @@ def _capacity_case(experts, n_experts, capacity):
         if torch.equal(got, expected):
             return None
         wrong = (got != expected).nonzero()[0].tolist()
-        problem = f"token {wrong[0]}, slot {wrong[1]} (expert {int(experts[wrong[0], wrong[1]])}): got {bool(got[tuple(wrong)])}, expected {bool(expected[tuple(wrong)])}"
+        t, s = wrong
+        problem = f"token {t}, slot {s} (expert {int(experts[t, s])}): got {bool(got[t, s])}, expected {bool(expected[t, s])}"
         if torch.equal(got, _capacity_token_major(experts, n_experts, capacity)):
             problem += " (looks like token-major order: every first choice must be served before any second choice)"
         return problem

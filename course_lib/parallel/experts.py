@@ -85,7 +85,8 @@ def _expert_parallel_rank(rank: int, world_size: int, moe: MoEFeedForward, x: to
         return shard(torch.tensor_split(x, world_size)[rank])       # this rank's tokens
 
 
-def expert_parallel_forward(moe: MoEFeedForward, x: torch.Tensor, world_size: int, timeout: float = 60.0) -> torch.Tensor:
+def expert_parallel_forward(moe: MoEFeedForward, x: torch.Tensor, world_size: int,
+                            timeout: float = 60.0) -> torch.Tensor:
     """moe(x) computed by `world_size` gloo processes, each holding n_experts / world_size experts and a slice of
     the tokens; tokens travel by all-to-all. x (tokens, dim) -> (tokens, dim)."""
     if not isinstance(moe, MoEFeedForward):
