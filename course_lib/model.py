@@ -36,6 +36,9 @@ class ModelArgs:
     max_seq_len: int = 2048
     hidden_dim: Optional[int] = None          # explicit feed-forward size; overrides the rule
     tie_embeddings: bool = False              # output layer shares tok_embeddings' matrix
+    n_experts: Optional[int] = None           # chapter 12b: None is dense; n: a Mixture of n experts
+    n_experts_per_tok: int = 2                # experts each token is routed to (MoE only)
+    norm_topk_prob: bool = True               # MoE: renormalise the k routing weights (Mixtral); False: Qwen3-MoE's
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -61,6 +64,17 @@ class ModelArgs:
             raise ValueError(f"ModelArgs.ffn_dim_multiplier must be positive or None, got {self.ffn_dim_multiplier!r}")
         if not isinstance(self.tie_embeddings, bool):       # bool("no") is True
             raise ValueError(f"ModelArgs.tie_embeddings must be True or False, got {self.tie_embeddings!r}")
+        if self.n_experts is not None and (not isinstance(self.n_experts, int) or isinstance(self.n_experts, bool)
+                                           or self.n_experts <= 0):
+            raise ValueError(f"ModelArgs.n_experts must be a positive int or None (dense), got {self.n_experts!r}")
+        k = self.n_experts_per_tok
+        if not isinstance(k, int) or isinstance(k, bool) or k <= 0:
+            raise ValueError(f"ModelArgs.n_experts_per_tok must be a positive int, got {k!r}")
+        if self.n_experts is not None and k > self.n_experts:
+            raise ValueError(f"n_experts_per_tok={k} exceeds n_experts={self.n_experts}: a token cannot use more "
+                             f"experts than there are")
+        if not isinstance(self.norm_topk_prob, bool):
+            raise ValueError(f"ModelArgs.norm_topk_prob must be True or False, got {self.norm_topk_prob!r}")
         for name in ("norm_eps", "rope_theta"):                # inf would zero every logit; nan poisons them
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
@@ -94,7 +108,12 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.layer_id = layer_id
         self.attention = Attention(args.dim, args.n_heads, args.n_kv_heads, args.max_seq_len)
-        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+        if args.n_experts is None:
+            self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+        else:  # chapter 12b's Mixture of Experts; imported here so this chapter does not load a later one
+            from course_lib.moe import MoEFeedForward
+            self.feed_forward = MoEFeedForward(args.dim, args.ffn_hidden_dim, args.n_experts,
+                                               args.n_experts_per_tok, args.norm_topk_prob)
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
@@ -150,10 +169,13 @@ def parameter_breakdown(args: ModelArgs) -> dict:
         raise TypeError(f"args must be a ModelArgs, got {type(args).__name__}")
     d, L = args.dim, args.n_layers
     kv_dim = args.n_kv_heads * args.head_dim                          # width of wk, wv outputs
+    ffn = 3 * d * args.ffn_hidden_dim                                 # w1, w2, w3 of one feed-forward
+    if args.n_experts is not None:                                    # chapter 12b: n experts and a router
+        ffn = args.n_experts * ffn + args.n_experts * d
     return {
         "tok_embeddings": args.vocab_size * d,
         "attention": L * (2 * d * d + 2 * d * kv_dim),                # wq, wo + wk, wv
-        "feed_forward": L * 3 * d * args.ffn_hidden_dim,              # w1, w2, w3
+        "feed_forward": L * ffn,
         "norms": L * 2 * d + d,                                       # attention_norm, ffn_norm; final norm
         "output": 0 if args.tie_embeddings else args.vocab_size * d,  # tied: shares tok_embeddings
     }
@@ -221,9 +243,10 @@ def _hf_size(config, name: str, optional: bool = False):
 
 
 def args_from_hf_config(config, max_seq_len: Optional[int] = None) -> ModelArgs:
-    "ModelArgs from a transformers LlamaConfig."
-    if getattr(config, "model_type", "llama") != "llama":
-        raise ValueError(f"expected a Llama config, got model_type={config.model_type!r}")
+    "ModelArgs from a transformers LlamaConfig or MixtralConfig (a Llama whose feed-forward is a Mixture of Experts)."
+    model_type = getattr(config, "model_type", "llama")
+    if model_type not in ("llama", "mixtral"):
+        raise ValueError(f"expected a Llama or Mixtral config, got model_type={model_type!r}")
     dim, n_heads = _hf_size(config, "hidden_size"), _hf_size(config, "num_attention_heads")
     head_dim = _hf_size(config, "head_dim", optional=True) or dim // n_heads
     if head_dim * n_heads != dim:
@@ -238,21 +261,41 @@ def args_from_hf_config(config, max_seq_len: Optional[int] = None) -> ModelArgs:
     norm_eps = getattr(config, "rms_norm_eps", None)
     if isinstance(norm_eps, bool) or not isinstance(norm_eps, (int, float)) or not 0 < norm_eps < math.inf:
         raise ValueError(f"the config's rms_norm_eps must be a positive finite number, got {norm_eps!r}")
+    moe = {}
+    if model_type == "mixtral":                           # chapter 12b
+        moe = dict(n_experts=_hf_size(config, "num_local_experts"),
+                   n_experts_per_tok=_hf_size(config, "num_experts_per_tok"))
+        window = getattr(config, "sliding_window", None)
+        if window is not None and window < (max_seq_len or _hf_size(config, "max_position_embeddings")):
+            raise ValueError(f"sliding_window={window} attention is not supported (the course attends to every position)")
     return ModelArgs(dim=dim, n_layers=_hf_size(config, "num_hidden_layers"), n_heads=n_heads,
                      n_kv_heads=_hf_size(config, "num_key_value_heads", optional=True) or n_heads,
                      vocab_size=_hf_size(config, "vocab_size"), hidden_dim=_hf_size(config, "intermediate_size"),
                      norm_eps=norm_eps, rope_theta=_hf_rope_theta(config),
                      max_seq_len=max_seq_len or _hf_size(config, "max_position_embeddings"),
-                     tie_embeddings=bool(tie))
+                     tie_embeddings=bool(tie), **moe)
 
 
-_HF_LAYER_PARTS = [f"{m}.weight" for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                                            "mlp.gate_proj", "mlp.down_proj", "mlp.up_proj", "input_layernorm",
-                                            "post_attention_layernorm")]
+def _hf_experts(w, p: str, q: str, args: ModelArgs) -> dict:
+    "Our names for a Mixtral layer's router and experts: stacked (transformers 5) or one module per expert (4.x)."
+    h = args.ffn_hidden_dim
+    ours = {q + "feed_forward.gate.weight": w(p + "mlp.gate.weight", p + "block_sparse_moe.gate.weight")}
+    stacked = w.has(p + "mlp.experts.gate_up_proj")
+    if stacked:                                            # (n_experts, 2·hidden, dim): gate rows, then up rows
+        gate_up, down = w(p + "mlp.experts.gate_up_proj"), w(p + "mlp.experts.down_proj")
+    for e in range(args.n_experts):
+        x, old = f"{q}feed_forward.experts.{e}.", f"{p}block_sparse_moe.experts.{e}."
+        if stacked:
+            ours[x + "w1.weight"], ours[x + "w3.weight"] = gate_up[e, :h], gate_up[e, h:]
+            ours[x + "w2.weight"] = down[e]
+        else:
+            for m in ("w1", "w2", "w3"):
+                ours[x + m + ".weight"] = w(old + m + ".weight")
+    return ours
 
 
 def from_hf(hf_model, max_seq_len: Optional[int] = None, max_bytes: Optional[int] = None) -> Transformer:
-    "Build a Transformer from a transformers LlamaForCausalLM: config, weights, q/k permutation, tied embeddings."
+    "Build a Transformer from a LlamaForCausalLM or MixtralForCausalLM: config, weights, q/k permutation, tied embeddings."
     args = args_from_hf_config(hf_model.config, max_seq_len)
     guard_model_size(args, max_bytes)
     sd = hf_model.state_dict()
@@ -261,10 +304,15 @@ def from_hf(hf_model, max_seq_len: Optional[int] = None, max_bytes: Optional[int
         raise ValueError(f"the Hugging Face tensor {not_float[0]!r} is {sd[not_float[0]].dtype}; weights must be "
                          f"floating point")
     sd = {k: v.detach().float() for k, v in sd.items()}
-    def w(name):
-        if name not in sd:
-            raise ValueError(f"the Hugging Face model has no tensor {name!r}")
-        return sd[name]
+    used = {"lm_head.weight"}                              # present in a tied model's state dict too
+    def w(name, *other_names):
+        "The tensor under `name` (or the first of other_names present), marked as used."
+        for n in (name, *other_names):
+            if n in sd:
+                used.add(n)
+                return sd[n]
+        raise ValueError(f"the Hugging Face model has no tensor {name!r}")
+    w.has = lambda name: name in sd
     ours = {"tok_embeddings.weight": w("model.embed_tokens.weight"), "norm.weight": w("model.norm.weight")}
     ours["output.weight"] = ours["tok_embeddings.weight"] if args.tie_embeddings else w("lm_head.weight")
     for i in range(args.n_layers):
@@ -274,13 +322,14 @@ def from_hf(hf_model, max_seq_len: Optional[int] = None, max_bytes: Optional[int
         ours[q + "attention.wk.weight"] = permute_hf_to_meta(w(p + "self_attn.k_proj.weight"), args.n_kv_heads)
         ours[q + "attention.wv.weight"] = w(p + "self_attn.v_proj.weight")
         ours[q + "attention.wo.weight"] = w(p + "self_attn.o_proj.weight")
-        ours[q + "feed_forward.w1.weight"] = w(p + "mlp.gate_proj.weight")
-        ours[q + "feed_forward.w2.weight"] = w(p + "mlp.down_proj.weight")
-        ours[q + "feed_forward.w3.weight"] = w(p + "mlp.up_proj.weight")
+        if args.n_experts is None:
+            ours[q + "feed_forward.w1.weight"] = w(p + "mlp.gate_proj.weight")
+            ours[q + "feed_forward.w2.weight"] = w(p + "mlp.down_proj.weight")
+            ours[q + "feed_forward.w3.weight"] = w(p + "mlp.up_proj.weight")
+        else:                                              # Mixtral (chapter 12b)
+            ours.update(_hf_experts(w, p, q, args))
         ours[q + "attention_norm.weight"] = w(p + "input_layernorm.weight")
         ours[q + "ffn_norm.weight"] = w(p + "post_attention_layernorm.weight")
-    used = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"} | {
-        f"model.layers.{i}.{part}" for i in range(args.n_layers) for part in _HF_LAYER_PARTS}
     unexplained = [k for k in sd if k not in used and not k.endswith("rotary_emb.inv_freq")]
     if unexplained:                                        # e.g. a 1-layer config over 2-layer weights
         raise ValueError(f"the Hugging Face weights hold {unexplained[0]!r}"

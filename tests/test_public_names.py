@@ -38,6 +38,7 @@ min_p_filter top_n_sigma_filter q4_0_to_q4_1 quantize_q8_1
 padding_causal_mask slot_indices shared_prefix_pages
 sse_event sampling_from_request parse_sse
 verify_greedy verify_sampled residual_distribution acceptance_probability
+top_k_routing load_balancing_loss keep_within_capacity
 """.split()
 
 
