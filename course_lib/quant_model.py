@@ -274,8 +274,11 @@ def load_quantized(path, matmul: str = "fast", max_seq_len: Optional[int] = None
                          f"version {QUANT_FORMAT_VERSION}")
     try:
         stored = json.loads(meta["model_args"])
-        absent = sorted({f.name for f in fields(ModelArgs)} - set(stored))
-        if absent:                                        # save_quantized writes every field: no silent defaults
+        # save_quantized writes every field: no silent defaults, except for the MoE fields (chapter 12b), which
+        # files written before them lack and which then mean what they meant: a dense model
+        absent = sorted({f.name for f in fields(ModelArgs)} - set(stored) - {"n_experts", "n_experts_per_tok",
+                                                                           "norm_topk_prob"})
+        if absent:
             raise ValueError(f"model_args lacks {', '.join(absent)}")
         args = ModelArgs(**{**stored, **({} if max_seq_len is None else {"max_seq_len": max_seq_len})})
         config, file_schemes = json.loads(meta["quant_config"]), json.loads(meta["schemes"])

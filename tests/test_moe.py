@@ -297,3 +297,32 @@ def test_norm_topk_prob_matches_qwen3_moe_block(norm_topk_prob):
     x = torch.randn(2, 5, 16)
     with torch.no_grad():
         assert torch.allclose(ours(x), block(x), atol=1e-5)
+
+
+def test_quantized_files_written_before_the_moe_fields_still_load(tmp_path):
+    "A chapter 08 file saved before ModelArgs had n_experts & co. means a dense model: it loads as one."
+    import dataclasses
+    import json
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from course_lib import PRESETS, Transformer, load_quantized, quantize_model, save_quantized
+    torch.manual_seed(0)
+    model = quantize_model(Transformer(dataclasses.replace(PRESETS["tiny"], hidden_dim=192)), "q8_0")
+    path = save_quantized(model, tmp_path / "new.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    args = json.loads(meta["model_args"])
+    for name in ("n_experts", "n_experts_per_tok", "norm_topk_prob"):
+        del args[name]
+    meta["model_args"] = json.dumps(args)
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata=meta)
+    old = load_quantized(tmp_path / "old.safetensors")
+    assert old.args.n_experts is None
+    x = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        assert torch.equal(old(x), load_quantized(path)(x))
+    del args["dim"]                                      # any other field missing is still refused
+    meta["model_args"] = json.dumps(args)
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="lacks dim"):
+        load_quantized(tmp_path / "bad.safetensors")

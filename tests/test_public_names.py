@@ -23,6 +23,7 @@ top_k_filter top_p_filter train_sentencepiece unpack_blocks upload_matrix weight
 Decoder validate_decode_input fuse_model is_fused FusedAttention FusedFeedForward fit_conversation
 generate_batch padding_causal_mask PagedKVCache Engine create_app ServerThread
 speculative_generate SpeculativeStats layer_skip_draft
+top_k_routing MoEFeedForward load_balancing_loss active_parameters
 """.split()
 
 CHECKERS = """

@@ -4,3 +4,4 @@ nccl on GPUs), Hugging Face's tensor-parallel slicing, and Mixture-of-Experts wi
 This file is an index, written by hand: every module it imports is generated from the notebooks
 (12_tensor_parallel, 12b_moe). Parallelism imports the model, never the reverse.
 """
+from .experts import experts_of_rank, ExpertParallelMoE, expert_parallel_forward, run_gloo
