@@ -205,7 +205,8 @@ def test_smollm2_logits_match_one_process(world_size, smollm2_path, no_leftovers
     tokens = torch.tensor([[1, 504, 3458, 282, 4649, 314, 8892, 30]])
     with torch.inference_mode():
         want = load_gguf_model(smollm2_path, max_seq_len=64)(tokens)
-    got = tensor_parallel_logits("smollm2", tokens, world_size, prefill=5 if world_size == 3 else None, timeout=120)
+    got = tensor_parallel_logits("smollm2", tokens, world_size, prefill=5 if world_size == 3 else None,
+                                 max_seq_len=64, timeout=120)
     assert (got - want).abs().max() <= 1e-4 * want.abs().max()
 
 

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['check_row_parallel_linear', 'check_gqa_head_split', 'check_ring_all_reduce']
 
-# %% ../../notebooks/12_tensor_parallel.ipynb #51ec0df8
+# %% ../../notebooks/12_tensor_parallel.ipynb #30faa46d
 import torch
 
 from ..checking import Case, CheckResult, compare, run_cases
@@ -15,7 +15,7 @@ _ROW = [row_parallel_linear, RowParallelLinear, RowParallelLinear.forward]   # t
 _SPLIT = [gqa_head_split, shard_spec, _per_rank]
 _COLLECTIVES = [torch.distributed.all_reduce, torch.distributed.reduce_scatter, torch.distributed.all_gather]
 
-# %% ../../notebooks/12_tensor_parallel.ipynb #71a5b7d6
+# %% ../../notebooks/12_tensor_parallel.ipynb #5f65cf24
 class _FakeAllReduce:
     "all_reduce over in-process 'ranks': a list of per-rank tensors -> a list where each holds their sum; counts calls."
     def __init__(self):
@@ -60,7 +60,7 @@ def check_row_parallel_linear(candidate) -> CheckResult:
              _row_case(3, (5, 12), 12, 3)]
     return run_cases("row_parallel_linear", candidate, cases, forbidden=_ROW + _COLLECTIVES)
 
-# %% ../../notebooks/12_tensor_parallel.ipynb #50e73067
+# %% ../../notebooks/12_tensor_parallel.ipynb #483a24b3
 def _split_case(n_heads, n_kv_heads, world_size):
     def run(candidate):
         n_rep = n_heads // n_kv_heads
@@ -100,7 +100,7 @@ def check_gqa_head_split(candidate) -> CheckResult:
              _refuse_case(8, 2, 4)]
     return run_cases("gqa_head_split", candidate, cases, forbidden=_SPLIT)
 
-# %% ../../notebooks/12_tensor_parallel.ipynb #27843239
+# %% ../../notebooks/12_tensor_parallel.ipynb #7c6dd96f
 def _ring_case(world_size, n, seed):
     def run(candidate):
         g = torch.Generator().manual_seed(seed)

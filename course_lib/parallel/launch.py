@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['random_model', 'load_rank', 'run_tensor_parallel', 'tensor_parallel_logits', 'tensor_parallel_generate']
 
-# %% ../../notebooks/12_tensor_parallel.ipynb #f35174ed
+# %% ../../notebooks/12_tensor_parallel.ipynb #9f656d2a
 import multiprocessing as mp
 import os
 import queue
@@ -22,7 +22,7 @@ import torch.distributed as dist
 from ..model import ModelArgs, Transformer
 from .tensor import Collectives, load_gguf_shard, shard_model, shard_spec
 
-# %% ../../notebooks/12_tensor_parallel.ipynb #4c91ee26
+# %% ../../notebooks/12_tensor_parallel.ipynb #b1dfa31f
 def _check_source(source):
     "'smollm2' -> its GGUF path; a path -> that path; (ModelArgs, seed) -> itself. Anything else: a clear error."
     if isinstance(source, tuple) and len(source) == 2 and isinstance(source[0], ModelArgs):
@@ -62,7 +62,7 @@ def load_rank(source, rank: int, world_size: int, max_seq_len=None) -> Transform
         return shard_model(random_model(*source), rank, world_size)
     return load_gguf_shard(source, rank, world_size, max_seq_len)
 
-# %% ../../notebooks/12_tensor_parallel.ipynb #ede16234
+# %% ../../notebooks/12_tensor_parallel.ipynb #466069aa
 def _logits(model, tokens, prefill=None):
     "Logits for every position: in one pass, or `prefill` positions then one cached decode step per token."
     with torch.inference_mode():
@@ -98,7 +98,7 @@ def _profile(model, tokens, repeats=3):
 
 _JOBS = {"logits": _logits, "generate": _generate, "profile": _profile}
 
-# %% ../../notebooks/12_tensor_parallel.ipynb #030077d0
+# %% ../../notebooks/12_tensor_parallel.ipynb #389f29b4
 def _worker(rank, world_size, port, source, job, job_args, results, threads, max_seq_len):
     "One process: join the gloo group, load this rank's shard, run the job; rank 0 sends the result back."
     try:
@@ -120,7 +120,7 @@ def _free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-# %% ../../notebooks/12_tensor_parallel.ipynb #b98265a6
+# %% ../../notebooks/12_tensor_parallel.ipynb #65f8006d
 def run_tensor_parallel(model, world_size: int, job: str = "logits", timeout: float = 120.0,
                         max_seq_len=None, **job_args):
     """Start `world_size` gloo processes on this machine, each holding its shard of `model`, run `job` and return
@@ -168,15 +168,17 @@ def run_tensor_parallel(model, world_size: int, job: str = "logits", timeout: fl
         results.cancel_join_thread()
 
 
-def tensor_parallel_logits(model, tokens: torch.Tensor, world_size: int, prefill=None, timeout: float = 120.0):
+def tensor_parallel_logits(model, tokens: torch.Tensor, world_size: int, prefill=None, max_seq_len=None,
+                           timeout: float = 120.0):
     """Rank 0's logits (batch, seq, vocab_size) for `tokens` from `world_size` gloo processes. model: 'smollm2', the path
     of a Llama GGUF file, or (ModelArgs, seed) for a random model. `prefill`: run that many positions, then decode
-    the rest one token at a time through each rank's KV cache."""
+    the rest one token at a time through each rank's KV cache. `max_seq_len`: positions each rank's cache holds
+(default: the file's; ignored for random models)."""
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"tokens must be an integer tensor (batch, seq), got {getattr(tokens, 'shape', tokens)!r}")
     if prefill is not None and not 1 <= prefill <= tokens.shape[1]:
         raise ValueError(f"prefill must be between 1 and seq={tokens.shape[1]}, got {prefill!r}")
-    return run_tensor_parallel(model, world_size, "logits", timeout, tokens=tokens, prefill=prefill)
+    return run_tensor_parallel(model, world_size, "logits", timeout, max_seq_len, tokens=tokens, prefill=prefill)
 
 
 def tensor_parallel_generate(model, prompt_ids, max_new_tokens: int, world_size: int, max_seq_len=None,

@@ -5,7 +5,7 @@ __all__ = ['Collectives', 'ColumnParallelLinear', 'row_parallel_linear', 'RowPar
            'VocabParallelOutput', 'gqa_head_split', 'shard_spec', 'shard_model', 'load_gguf_shard',
            'tp_bytes_per_token']
 
-# %% ../../notebooks/12_tensor_parallel.ipynb #5862749d
+# %% ../../notebooks/12_tensor_parallel.ipynb #060a315c
 import math
 import os
 import time
@@ -22,7 +22,7 @@ from ..model import ModelArgs, Transformer
 from ..rope import precompute_freqs_cis
 from ..weights import args_from_gguf, gguf_to_meta_name
 
-# %% ../../notebooks/12_tensor_parallel.ipynb #2005f87b
+# %% ../../notebooks/12_tensor_parallel.ipynb #076d8d21
 class Collectives:
     "The two collectives tensor parallelism needs (torch.distributed), counting the bytes and seconds they take."
     def __init__(self):
@@ -51,7 +51,7 @@ class Collectives:
         self.bytes_gathered += x.numel() * x.element_size()
         return torch.cat(parts, dim=-1)
 
-# %% ../../notebooks/12_tensor_parallel.ipynb #4a8dff3d
+# %% ../../notebooks/12_tensor_parallel.ipynb #421099f6
 class ColumnParallelLinear(nn.Module):
     "This rank's block of output features: y_r = x W_rᵀ, W_r = rows [start, stop) of the full (out, in) weight. No communication."
     def __init__(self, weight: torch.Tensor):           # weight: (out_features / world_size, in_features)
@@ -62,7 +62,7 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out / world_size)
         return F.linear(x, self.weight)
 
-# %% ../../notebooks/12_tensor_parallel.ipynb #1f56bc0d
+# %% ../../notebooks/12_tensor_parallel.ipynb #b09edae5
 def row_parallel_linear(x_parts: list, w_parts: list, all_reduce) -> list:
     """A row-parallel linear layer simulated in one process: rank r holds x_r (..., in/p) and w_r (out, in/p);
     `all_reduce` takes every rank's tensor and returns, for each rank, their sum. Returns every rank's (..., out)."""
@@ -71,7 +71,7 @@ def row_parallel_linear(x_parts: list, w_parts: list, all_reduce) -> list:
     partials = [x @ w.T for x, w in zip(x_parts, w_parts)]   # rank r: x_r w_rᵀ, (..., out), a share of each output
     return all_reduce(partials)                              # each rank gets Σ_r x_r w_rᵀ = x Wᵀ
 
-# %% ../../notebooks/12_tensor_parallel.ipynb #627304f7
+# %% ../../notebooks/12_tensor_parallel.ipynb #7bbd67c2
 class RowParallelLinear(nn.Module):
     "This rank's block of input features: a partial y_r = x_r W_rᵀ, then all_reduce: y = Σ_r y_r on every rank."
     def __init__(self, weight: torch.Tensor, collectives: "Collectives"):  # weight: (out, in / world_size)
@@ -84,7 +84,7 @@ class RowParallelLinear(nn.Module):
         partial = F.linear(x, self.weight)               # this rank's share of every output feature
         return self.collectives.all_reduce(partial)      # the sum over ranks: the full x Wᵀ
 
-# %% ../../notebooks/12_tensor_parallel.ipynb #c9a8ace4
+# %% ../../notebooks/12_tensor_parallel.ipynb #4fdfcd2f
 class VocabParallelEmbedding(nn.Module):
     "Rows [start, start + n) of the embedding table: look up the ids this rank owns, zeros for the others, all_reduce."
     def __init__(self, weight: torch.Tensor, start: int, collectives: "Collectives"):  # weight: (vocab / world_size, dim)
@@ -109,7 +109,7 @@ class VocabParallelOutput(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:   # (batch, seq, dim) -> (batch, seq, vocab_size)
         return self.collectives.all_gather(F.linear(h, self.weight))
 
-# %% ../../notebooks/12_tensor_parallel.ipynb #04c43f97
+# %% ../../notebooks/12_tensor_parallel.ipynb #d3271dea
 def _per_rank(total: int, world_size: int, what: str) -> int:
     if total % world_size:
         raise ValueError(f"world_size={world_size} does not divide {what}={total}: each rank must hold the same "
@@ -134,7 +134,7 @@ def gqa_head_split(n_heads: int, n_kv_heads: int, world_size: int, rank: int) ->
     q = kv * (n_heads // n_kv_heads)                         # query head h uses K/V head h // n_rep
     return range(rank * q, (rank + 1) * q), range(rank * kv, (rank + 1) * kv)
 
-# %% ../../notebooks/12_tensor_parallel.ipynb #fb7c3fcb
+# %% ../../notebooks/12_tensor_parallel.ipynb #f8b5c17b
 def shard_spec(args: ModelArgs, rank: int, world_size: int) -> dict:
     "{parameter name: (dim, start, stop)}: the slice of each split weight that `rank` holds; weights not listed (norms) are replicated."
     if not isinstance(args, ModelArgs):
@@ -154,7 +154,7 @@ def shard_spec(args: ModelArgs, rank: int, world_size: int) -> dict:
                  p + "feed_forward.w2.weight": block(1, hidden)}
     return spec
 
-# %% ../../notebooks/12_tensor_parallel.ipynb #bbd08075
+# %% ../../notebooks/12_tensor_parallel.ipynb #d1abf056
 def shard_model(model: Transformer, rank: int, world_size: int, collectives: Optional[Collectives] = None) -> Transformer:
     "Turn `model` into rank `rank`'s shard, in place: column/row-parallel attention and feed-forward, vocab-parallel embedding and output."
     if not isinstance(model, Transformer):
@@ -180,7 +180,7 @@ def shard_model(model: Transformer, rank: int, world_size: int, collectives: Opt
     model.cache_len, model.cache_batch_size = 0, 0
     return model
 
-# %% ../../notebooks/12_tensor_parallel.ipynb #ba82cb48
+# %% ../../notebooks/12_tensor_parallel.ipynb #00a105ca
 def _slice_gguf(t: GGUFTensor, dim: Optional[int] = None, start: int = 0, stop: int = 0) -> torch.Tensor:
     "Dequantize only rows (dim 0) or columns (dim 1) [start, stop) of a GGUF tensor; everything when dim is None."
     if dim is None:
@@ -222,7 +222,7 @@ def load_gguf_shard(path, rank: int, world_size: int, max_seq_len: Optional[int]
     model.load_state_dict(state, strict=True)
     return model.eval()
 
-# %% ../../notebooks/12_tensor_parallel.ipynb #47719072
+# %% ../../notebooks/12_tensor_parallel.ipynb #e5689e88
 def tp_bytes_per_token(args: ModelArgs, world_size: int) -> dict:
     "Communication per token of a tensor-parallel forward, from the shapes: messages offered, and bytes each rank sends by ring."
     _check_rank(0, world_size)
