@@ -9,11 +9,13 @@ seconds inside the collectives, and the bytes it handed to them. The bytes are c
 processes the collectives' time is mostly waiting for the slowest rank: read the chapter's notes.
 """
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # before torch starts its threads: no spinning on a shared VM
 
 import torch
 
