@@ -94,6 +94,15 @@ def test_shard_model_refuses_what_is_not_a_transformer():
         shard_model(torch.nn.Linear(2, 2), 0, 1)
 
 
+def test_shard_model_refuses_a_shard_or_a_fused_model():
+    from course_lib import fuse_model
+    shard = shard_model(random_model(TINY, 0), 0, 2)
+    with pytest.raises(TypeError, match="already sharded"):
+        shard_model(shard, 0, 2)
+    with pytest.raises(TypeError, match="fused"):
+        shard_model(fuse_model(random_model(TINY, 0)), 0, 2)
+
+
 def test_shard_spec_slices_tile_every_split_weight():
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in Transformer(TINY).state_dict().items()}

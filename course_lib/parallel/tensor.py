@@ -6,8 +6,6 @@ __all__ = ['Collectives', 'ColumnParallelLinear', 'row_parallel_linear', 'RowPar
            'tp_bytes_per_token']
 
 # %% ../../notebooks/12_tensor_parallel.ipynb #060a315c
-import math
-import os
 import time
 from typing import Optional
 
@@ -159,6 +157,10 @@ def shard_model(model: Transformer, rank: int, world_size: int, collectives: Opt
     "Turn `model` into rank `rank`'s shard, in place: column/row-parallel attention and feed-forward, vocab-parallel embedding and output."
     if not isinstance(model, Transformer):
         raise TypeError(f"model must be a course Transformer, got {type(model).__name__}")
+    plain = [getattr(l.attention, "wq", None) for l in model.layers] + [getattr(l.feed_forward, "w1", None) for l in model.layers]
+    if not all(type(m) is nn.Linear for m in plain):          # fused, quantized or already sharded
+        raise TypeError("shard_model needs the plain Transformer of chapter 06 (nn.Linear layers), not a fused, "
+                        "quantized or already sharded one")
     spec = shard_spec(model.args, rank, world_size)
     comm = collectives if collectives is not None else Collectives()
     def piece(name):  # a copy of this rank's slice, so the full weight can be freed
