@@ -41,5 +41,7 @@ from .cuda import (CudaQuantModel, Backend, get_backend, gpu_available, backend_
 from .serving import generate_batch, padding_causal_mask, PagedKVCache, Engine                 # 11
 from .serving import speculative_generate, SpeculativeStats, layer_skip_draft                  # 11b
 from .serving import create_app, ServerThread                                               # 11c
+from .parallel import (tensor_parallel_logits, tensor_parallel_generate, shard_model,          # 12
+                       ColumnParallelLinear, RowParallelLinear)
 from .moe import top_k_routing, MoEFeedForward, load_balancing_loss, active_parameters        # 12b
 from . import check

@@ -45,5 +45,7 @@ from .checks.speculative import check_residual_distribution as residual_distribu
 from .checks.speculative import check_acceptance_probability as acceptance_probability
 from .checks.server import check_sse_event as sse_event, check_sampling_from_request as sampling_from_request  # 11c
 from .checks.server import check_parse_sse as parse_sse
+from .checks.tensor_parallel import check_row_parallel_linear as row_parallel_linear                      # 12
+from .checks.tensor_parallel import check_gqa_head_split as gqa_head_split, check_ring_all_reduce as ring_all_reduce
 from .checks.moe import check_top_k_routing as top_k_routing, check_load_balancing_loss as load_balancing_loss  # 12b
 from .checks.moe import check_keep_within_capacity as keep_within_capacity

@@ -10,23 +10,28 @@ from pathlib import Path
 
 from .fused import fuse_model
 from .generation import METHODS, GenerationStats, _check_seed, generate_stream, sampling_settings
-from .gguf_tokenizer import load_gguf, load_smollm2
-from .weights import FetchError, _add_fetch_command
+from .gguf_format import read_gguf
+from .gguf_tokenizer import SMOLLM2_MAX_SEQ_LEN, GGUFTokenizer, load_gguf, load_smollm2
+from .weights import FetchError, _add_fetch_command, args_from_gguf, fetch_smollm2
 
 # %% ../notebooks/07d_cli.ipynb #11ebdcb1
 QUANT_CHOICES = ("none", "q8_0", "q4_0", "q4_1")
 DEVICE_CHOICES = ("cpu", "cuda")
 
 
-def _load_float(model: str, max_seq_len):
-    if model == "smollm2":
-        return load_smollm2(max_seq_len=max_seq_len) if max_seq_len is not None else load_smollm2()
+def _gguf_path(model: str) -> Path:
     path = Path(model).expanduser()
     if not path.exists():
         raise ValueError(f"--model {model!r}: no such file; use 'smollm2' or the path of a .gguf file")
     if path.suffix.lower() != ".gguf":
         raise ValueError(f"--model {model!r}: expected a .gguf file (or 'smollm2')")
-    return load_gguf(path, max_seq_len=max_seq_len)
+    return path
+
+
+def _load_float(model: str, max_seq_len):
+    if model == "smollm2":
+        return load_smollm2(max_seq_len=max_seq_len) if max_seq_len is not None else load_smollm2()
+    return load_gguf(_gguf_path(model), max_seq_len=max_seq_len)
 
 
 def _check_cuda(quant: str) -> None:
@@ -114,6 +119,12 @@ def _check_options(a) -> None:
     _check_seed(a.seed)
     if a.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {a.max_new_tokens}")
+    if getattr(a, "tensor_parallel", None) is not None:
+        if a.tensor_parallel < 1:
+            raise ValueError(f"--tensor-parallel must be >= 1, got {a.tensor_parallel}")
+        if a.quant != "none" or a.device != "cpu" or a.method != "greedy":
+            raise ValueError("--tensor-parallel runs the float32 model on CPU processes, greedy: "
+                             "leave out --quant, --device and --method")
 
 
 def _stream(model, tokenizer, prompt: str, a, out) -> str:
@@ -133,9 +144,29 @@ def _stream(model, tokenizer, prompt: str, a, out) -> str:
     return "".join(pieces)
 
 
+def _generate_tensor_parallel(a, out) -> None:
+    "--tensor-parallel N: N gloo processes, each loading 1/N of the weights (chapter 12); the parent loads only the tokenizer."
+    from course_lib.parallel.launch import tensor_parallel_generate
+    path = fetch_smollm2(progress=False) if a.model == "smollm2" else _gguf_path(a.model)
+    gf = read_gguf(path)
+    tokenizer = GGUFTokenizer(gf)
+    limit = a.max_seq_len or (SMOLLM2_MAX_SEQ_LEN if a.model == "smollm2" else args_from_gguf(gf.metadata).max_seq_len)
+    prompt = a.prompt
+    if a.chat_template:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    ids = tokenizer.encode(prompt)
+    if limit - len(ids) <= 0:
+        raise ValueError(f"the prompt has {len(ids)} tokens, the model holds {limit}; shorten it or raise --max-seq-len")
+    new = tensor_parallel_generate(str(path), ids, min(a.max_new_tokens, limit - len(ids)), a.tensor_parallel,
+                                   max_seq_len=limit, eos_id=tokenizer.eos_id)
+    out.write(tokenizer.decode([i for i in new if i != tokenizer.eos_id]) + "\n")
+
+
 def _run_generate(a, out=None) -> None:
     out = out or sys.stdout   # looked up at call time, so redirections apply
     _check_options(a)
+    if a.tensor_parallel is not None:
+        return _generate_tensor_parallel(a, out)
     model, tokenizer = load_model(a.model, a.max_seq_len, a.quant, a.device)
     prompt = a.prompt
     if a.chat_template:
@@ -148,6 +179,8 @@ def _add_generate_command(commands) -> None:
     p.add_argument("prompt", help="the text to continue")
     p.add_argument("--chat-template", action="store_true", help="wrap the prompt as a user message of the chat template")
     _add_sampling_options(p)
+    p.add_argument("--tensor-parallel", type=int, default=None, metavar="N",
+                   help="split every weight matrix over N processes (chapter 12; greedy, float32, CPU)")
     p.set_defaults(run=_run_generate)
 
 # %% ../notebooks/07d_cli.ipynb #4e731da0

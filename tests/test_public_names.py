@@ -24,9 +24,11 @@ Decoder validate_decode_input fuse_model is_fused FusedAttention FusedFeedForwar
 generate_batch padding_causal_mask PagedKVCache Engine create_app ServerThread
 speculative_generate SpeculativeStats layer_skip_draft
 top_k_routing MoEFeedForward load_balancing_loss active_parameters
+tensor_parallel_logits tensor_parallel_generate shard_model ColumnParallelLinear RowParallelLinear
 """.split()
 
 CHECKERS = """
+row_parallel_linear gqa_head_split ring_all_reduce
 FeedForward KVCache RMSNorm TransformerBlock add_rms_norm apply_repetition_penalty apply_rotary_emb
 apply_temperature bpe_encode bpe_word bytes_to_unicode causal_mask count_parameters dequantize_q4_0 dequantize_q4_1
 dequantize_q8_0 gguf_to_meta_name llama_hidden_dim merge_meta_shards merge_pair permute_hf_to_meta
