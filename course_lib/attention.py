@@ -135,6 +135,8 @@ class KVCache(nn.Module):
         if not inputs_trusted():   # a cache used on its own; inside the Transformer, its forward checked
             start_pos = self._check_update(start_pos, xk, xv)
         bsz, end = xk.shape[0], start_pos + xk.shape[1]
+        if start_pos == 0 and cache_k.grad_fn is not None:  # a new sequence after a forward with autograd on:
+            cache_k.detach_(), cache_v.detach_()           # drop the old graph, or training's next backward reaches it
         cache_k[:bsz, start_pos:end] = xk
         cache_v[:bsz, start_pos:end] = xv
         self.batch_size, self.length = bsz, end
