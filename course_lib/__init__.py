@@ -44,4 +44,7 @@ from .serving import create_app, ServerThread                                   
 from .parallel import (tensor_parallel_logits, tensor_parallel_generate, shard_model,          # 12
                        ColumnParallelLinear, RowParallelLinear)
 from .moe import top_k_routing, MoEFeedForward, load_balancing_loss, active_parameters        # 12b
+from .training.prune import (magnitude_mask, magnitude_prune, importance_scores, kv_group_importance,  # 13b
+                             remove_kv_groups, remove_ffn_channels, remove_layers, prune_model)
+from .training.distill import kd_loss, distillation_loss, recovered_fraction                  # 13b
 from . import check
