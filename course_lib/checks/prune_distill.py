@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['check_magnitude_mask', 'check_kv_group_importance', 'check_kd_loss', 'check_nm_mask']
 
-# %% ../../notebooks/13b_prune_distill.ipynb #13884cd4
+# %% ../../notebooks/13b_prune_distill.ipynb #9fabfee7
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,7 +40,7 @@ def _mask_problem(got, weight, n_pruned: int, what: str):
         return f"kept |w| = {a[got].min().item():.4g} but pruned |w| = {a[~got].max().item():.4g}: prune the smallest"
     return None
 
-# %% ../../notebooks/13b_prune_distill.ipynb #c3f4998b
+# %% ../../notebooks/13b_prune_distill.ipynb #961d1668
 def _magnitude_case(weight, sparsity):
     def run(candidate):
         got = candidate(weight.clone(), sparsity)
@@ -68,7 +68,7 @@ def check_magnitude_mask(candidate) -> CheckResult:
     ]
     return run_cases("magnitude_mask", candidate, cases, forbidden=_MASK)
 
-# %% ../../notebooks/13b_prune_distill.ipynb #a0b37b85
+# %% ../../notebooks/13b_prune_distill.ipynb #f1c3cf17
 def _reference_groups(attn_out, wo_weight, n_kv_heads):
     "Loop over groups: the group's columns of wo times its slice of attn_out, a norm per token, a mean."
     width = attn_out.shape[1] // n_kv_heads
@@ -112,7 +112,7 @@ def check_kv_group_importance(candidate) -> CheckResult:
     ]
     return run_cases("kv_group_importance", candidate, cases, forbidden=_HEADS)
 
-# %% ../../notebooks/13b_prune_distill.ipynb #07223523
+# %% ../../notebooks/13b_prune_distill.ipynb #abf073e4
 def _reference_kd(s, t, y, temperature, alpha, ignore_index=-100):
     "The formula with PyTorch's own pieces: F.kl_div (batchmean over counted positions) and F.cross_entropy."
     v = s.shape[-1]
@@ -166,7 +166,7 @@ def check_kd_loss(candidate) -> CheckResult:
     ]
     return run_cases("kd_loss", candidate, cases, forbidden=_KD)
 
-# %% ../../notebooks/13b_prune_distill.ipynb #6bc2070d
+# %% ../../notebooks/13b_prune_distill.ipynb #d3ae5fa3
 def _nm_reference(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
     "Keep the n largest |w| of each group of m consecutive weights along the last dimension."
     groups = weight.abs().reshape(weight.shape[0], -1, m)                       # (rows, cols/m, m)

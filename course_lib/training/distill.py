@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['kd_loss', 'distillation_loss', 'recovered_fraction']
 
-# %% ../../notebooks/13b_prune_distill.ipynb #5a75342b
+# %% ../../notebooks/13b_prune_distill.ipynb #94593ae1
 import math
 from numbers import Real
 
@@ -44,7 +44,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets:
     ce = F.cross_entropy(s, y, ignore_index=ignore_index)
     return alpha * temperature ** 2 * kl + (1 - alpha) * ce
 
-# %% ../../notebooks/13b_prune_distill.ipynb #7ede549a
+# %% ../../notebooks/13b_prune_distill.ipynb #f95ad1cc
 def distillation_loss(teacher: nn.Module, temperature: float = 2.0, alpha: float = 0.5) -> "Callable":
     "A loss_fn(model, inputs, targets) for course_lib's train(): kd_loss against the frozen teacher's logits."
     if not isinstance(teacher, nn.Module):

@@ -21,7 +21,7 @@ from torch import nn
 from ..evaluation import _windows, logit_metrics
 from ..model import Transformer
 
-# %% ../../notebooks/13b_prune_distill.ipynb #b2fd1b05
+# %% ../../notebooks/13b_prune_distill.ipynb #f080190a
 def _check_sparsity(sparsity) -> float:
     if isinstance(sparsity, bool) or not isinstance(sparsity, Real) or not 0 <= sparsity < 1:
         raise ValueError(f"sparsity must be a number in [0, 1) (the fraction of weights set to zero), got {sparsity!r}")
@@ -44,7 +44,7 @@ def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
     keep[tied[n_pruned - int((a < threshold).sum()):]] = True        # as many as the count needs, keep the rest
     return keep.view(weight.shape)
 
-# %% ../../notebooks/13b_prune_distill.ipynb #b6de4b19
+# %% ../../notebooks/13b_prune_distill.ipynb #463d7be0
 def _check_transformer(model) -> None:
     if not isinstance(model, Transformer):
         raise TypeError(f"model must be a course_lib Transformer, got {type(model).__name__}")
@@ -70,7 +70,7 @@ def sparsity_of(model: Transformer) -> float:
     linears = [m.weight for _, m in block_linears(model)]
     return sum(int((w == 0).sum()) for w in linears) / sum(w.numel() for w in linears)
 
-# %% ../../notebooks/13b_prune_distill.ipynb #65b30d96
+# %% ../../notebooks/13b_prune_distill.ipynb #4bc5561f
 @torch.no_grad()
 def reference_logits(model: nn.Module, token_ids: torch.Tensor, context_len: int) -> list:
     "The model's float32 logits on the non-overlapping windows of token_ids that compare_models uses, one per window."
@@ -96,7 +96,7 @@ def compare_to_reference(model: nn.Module, token_ids: torch.Tensor, context_len:
         nll -= torch.log_softmax(logits, -1).gather(1, window[1:, None]).double().sum().item()
     return {"perplexity": math.exp(nll / n), "kl": kl / n, "top1": top1 / n, "n_tokens": n}
 
-# %% ../../notebooks/13b_prune_distill.ipynb #071821b0
+# %% ../../notebooks/13b_prune_distill.ipynb #2fc0754d
 def median_ms(fn: Callable, repeats: int = 7, warmup: int = 1) -> float:
     "Median wall time of fn() in milliseconds, after `warmup` untimed calls."
     if isinstance(repeats, bool) or not isinstance(repeats, Integral) or repeats < 1:
@@ -110,7 +110,7 @@ def median_ms(fn: Callable, repeats: int = 7, warmup: int = 1) -> float:
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2] * 1e3
 
-# %% ../../notebooks/13b_prune_distill.ipynb #aa2752ea
+# %% ../../notebooks/13b_prune_distill.ipynb #f27c88a3
 def kv_group_importance(attn_out: torch.Tensor, wo_weight: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
     "(n_kv_heads,) mean over tokens of ||o_g W_o,g^T||: what each group's query heads add to the residual stream."
     if not isinstance(attn_out, torch.Tensor) or not isinstance(wo_weight, torch.Tensor):
@@ -127,7 +127,7 @@ def kv_group_importance(attn_out: torch.Tensor, wo_weight: torch.Tensor, n_kv_he
     contribution = torch.einsum("tgc,dgc->tgd", o, w)                              # (tokens, groups, dim)
     return contribution.norm(dim=-1).mean(0)                                       # (groups,)
 
-# %% ../../notebooks/13b_prune_distill.ipynb #d6a6b654
+# %% ../../notebooks/13b_prune_distill.ipynb #c706a9b5
 def channel_importance(hidden: torch.Tensor, w2_weight: torch.Tensor) -> torch.Tensor:
     "(hidden_dim,) mean |activation| of each feed-forward channel times the norm of its column of w2."
     if hidden.dim() != 2 or w2_weight.dim() != 2 or hidden.shape[1] != w2_weight.shape[1]:
@@ -172,7 +172,7 @@ def importance_scores(model: Transformer, tokens: torch.Tensor) -> dict:
     scores["layers"] = torch.tensor(scores["layers"])
     return scores
 
-# %% ../../notebooks/13b_prune_distill.ipynb #c827be53
+# %% ../../notebooks/13b_prune_distill.ipynb #a6a01441
 def _check_layer(model: Transformer, layer) -> int:
     if isinstance(layer, bool) or not isinstance(layer, Integral) or not 0 <= layer < len(model.layers):
         raise ValueError(f"layer must be an int in [0, {len(model.layers)}), got {layer!r}")
@@ -207,7 +207,7 @@ def _linear(weight: torch.Tensor, like: nn.Linear) -> nn.Linear:
 def _kept(size: int, removed: list) -> torch.Tensor:
     return torch.tensor([i for i in range(size) if i not in set(removed)], dtype=torch.long)
 
-# %% ../../notebooks/13b_prune_distill.ipynb #9182e140
+# %% ../../notebooks/13b_prune_distill.ipynb #691d3e7d
 @torch.no_grad()
 def remove_kv_groups(model: Transformer, layer: int, groups: Sequence[int]) -> Transformer:
     "Remove KV groups (each: one K/V head and its n_rep query heads) from one layer's attention, in place."
@@ -252,7 +252,7 @@ def remove_layers(model: Transformer, layers: Sequence[int]) -> Transformer:
     model.cache_len = 0
     return model
 
-# %% ../../notebooks/13b_prune_distill.ipynb #3413c396
+# %% ../../notebooks/13b_prune_distill.ipynb #1f4df602
 def prune_model(model: Transformer, scores: dict, kv_groups: int = 0, ffn_fraction: float = 0.0,
                 n_layers: int = 0) -> Transformer:
     "A pruned copy of model: the least important KV groups, feed-forward channels and layers by `scores`."
@@ -287,7 +287,7 @@ def prune_model(model: Transformer, scores: dict, kv_groups: int = 0, ffn_fracti
         remove_layers(pruned, scores["layers"].argsort()[:n_layers].tolist())
     return pruned
 
-# %% ../../notebooks/13b_prune_distill.ipynb #bee7fe48
+# %% ../../notebooks/13b_prune_distill.ipynb #24a967cd
 def parameter_count(model: nn.Module) -> int:
     "Number of distinct parameters (the tied embedding/output matrix once)."
     return sum(p.numel() for p in model.parameters())
