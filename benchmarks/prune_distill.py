@@ -63,20 +63,20 @@ def row(model, eval_ids, context, ref, repeats) -> dict:
 
 
 def pruning_table(model, scores, eval_ids, context, ref, repeats) -> dict:
-    rows = {"dense": row(model, eval_ids, context, ref, repeats)}
+    "Every row, printed as soon as it is measured."
+    print("| cut | params | MB | prefill 128 ms | decode ms/token | perplexity | KL vs dense | top-1 |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+    builds = {"dense": lambda: model}
     for s in (0.3, 0.5):
-        rows[f"magnitude {s:.0%}"] = row(magnitude_prune(copy.deepcopy(model), s), eval_ids, context, ref, repeats)
+        builds[f"magnitude {s:.0%}"] = lambda s=s: magnitude_prune(copy.deepcopy(model), s)
     for name, how in CUTS.items():
-        rows[name] = row(prune_model(model, scores, **how), eval_ids, context, ref, repeats)
-    return rows
-
-
-def print_pruning(rows: dict) -> None:
-    print(f"| cut | params | MB | prefill 128 ms | decode ms/token | perplexity | KL vs dense | top-1 |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for name, r in rows.items():
+        builds[name] = lambda how=how: prune_model(model, scores, **how)
+    rows = {}
+    for name, build in builds.items():
+        r = rows[name] = row(build(), eval_ids, context, ref, repeats)
         print(f"| {name} | {r['params'] / 1e6:.1f} M | {r['mb']:.0f} | {r['prefill_ms']:.0f} | {r['decode_ms']:.1f} | "
-              f"{r['perplexity']:.2f} | {r['kl']:.3f} | {r['top1']:.3f} |")
+              f"{r['perplexity']:.2f} | {r['kl']:.3f} | {r['top1']:.3f} |", flush=True)
+    return rows
 
 
 def distill(model, scores, train_ids, eval_ids, context, ref, args) -> dict:
@@ -122,7 +122,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--temperature", type=float, default=2.0)
     p.add_argument("--alpha", type=float, default=0.5)
-    p.add_argument("--repeats", type=int, default=3, help="timing runs per row (median)")
+    p.add_argument("--repeats", type=int, default=5, help="timing runs per row (median)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     if args.quick:
@@ -141,7 +141,7 @@ def main() -> None:
     ref = reference_logits(model, eval_ids, args.context)
     if args.only in (None, "prune"):
         print("\n## Pruning\n")
-        print_pruning(pruning_table(model, scores, eval_ids, args.context, ref, args.repeats))
+        pruning_table(model, scores, eval_ids, args.context, ref, args.repeats)
     if args.only in (None, "distill"):
         print(f"\n## Distillation: student {STUDENT}, {args.steps} steps of {args.batch_size} x {args.seq_len} tokens, "
               f"lr {args.lr}, embedding frozen\n")
