@@ -9,7 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 HAND_WRITTEN = {"__init__.py", "check.py", "__main__.py", "checks/__init__.py", "cuda/__init__.py",
-                "serving/__init__.py", "parallel/__init__.py"}  # indexes
+                "serving/__init__.py", "parallel/__init__.py", "training/__init__.py"}  # indexes
 # transitional (issue 15): re-exports of chapter 08's names for 07d, 09 and 09b until they import the new modules
 # the CPU emulator of CUDA C is hand-written infrastructure, not notebook code
 HAND_WRITTEN |= {f"cuda/emulator/{p.name}" for p in (ROOT / "course_lib" / "cuda" / "emulator").glob("*.py")}
