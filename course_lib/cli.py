@@ -304,6 +304,49 @@ def _add_serve_command(commands) -> None:
     p.add_argument("--max-seq-len", type=int, default=None, help="context of each request, prompt and answer (default: the loader's)")
     p.set_defaults(run=_run_serve)
 
+# %% ../notebooks/07d_cli.ipynb #b0390449
+def _run_train(a, out=None) -> None:
+    "`train`: chapter 13's recipe on a text file: tokenizer, model and checkpoints in --out."
+    out = out or sys.stdout
+    from course_lib.training.recipe import bits_per_character, sample_text, train_text_model   # chapter 13
+    model, tokenizer, data, log = train_text_model(
+        a.data, a.out, vocab_size=a.vocab_size, dim=a.dim, n_layers=a.n_layers, n_heads=a.n_heads,
+        n_kv_heads=a.n_kv_heads, hidden_dim=a.hidden_dim, seq_len=a.seq_len, resume=a.resume, seed=a.seed,
+        steps=a.steps, batch_size=a.batch_size, lr=a.lr, eval_every=a.eval_every or max(1, a.steps // 10),
+        stop_at=a.stop_at, progress=not a.no_progress)
+    val_chars = len(tokenizer.decode(data.val.tolist()))
+    bpc = bits_per_character(log.val_loss[-1], len(data.val), val_chars)
+    print(f"step {log.steps[-1] + 1} of {a.steps}: validation loss {log.val_loss[-1]:.3f} nats per token "
+          f"({bpc:.2f} bits per character), {log.tokens_per_second:,.0f} training tokens/s; "
+          f"checkpoint and tokenizer in {a.out}", file=out)
+    if a.sample_tokens:
+        print(sample_text(model, tokenizer, a.prompt, a.sample_tokens, seed=a.seed), file=out)
+
+
+def _add_train_command(commands) -> None:
+    p = commands.add_parser("train", help="train a small Llama on a text file (chapter 13), with resumable checkpoints")
+    default_data = Path(__file__).resolve().parents[1] / "data" / "tinyshakespeare.txt"
+    p.add_argument("--data", default=str(default_data), help="the text file (default: the course's tinyshakespeare.txt)")
+    p.add_argument("--out", required=True, help="the run's folder: tokenizer.model, params.json, consolidated.00.pth, training_state.pt")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--steps", type=int, default=1000, help="length of the run (and of its cosine schedule; default 1000)")
+    p.add_argument("--stop-at", type=int, default=None, help="stop (with a checkpoint) after this step; --resume goes on")
+    p.add_argument("--batch-size", type=int, default=16, help="windows per step (default 16)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per window, and the model's context (default 128)")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
+    p.add_argument("--vocab-size", type=int, default=1024, help="SentencePiece BPE tokens (default 1024)")
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--n-layers", type=int, default=4)
+    p.add_argument("--n-heads", type=int, default=4)
+    p.add_argument("--n-kv-heads", type=int, default=2)
+    p.add_argument("--hidden-dim", type=int, default=384, help="the SwiGLU's width (default 384)")
+    p.add_argument("--eval-every", type=int, default=None, help="steps between validation losses (default: steps / 10)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt", default="ROMEO:\n", help="prompt of the sample printed at the end")
+    p.add_argument("--sample-tokens", type=int, default=100, help="length of that sample (0: none)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_train)
+
 # %% ../notebooks/07d_cli.ipynb #d6deb375
 def main(argv=None) -> int:
     "`python -m course_lib COMMAND ...`: returns the exit code (0 ok, 1 error, 2 bad command line)."
@@ -315,6 +358,7 @@ def main(argv=None) -> int:
     _add_chat_command(commands)
     _add_grade_command(commands)
     _add_serve_command(commands)
+    _add_train_command(commands)
     args = parser.parse_args(argv)   # a bad command line exits with code 2 and a usage line
     try:
         args.run(args)

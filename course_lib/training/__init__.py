@@ -1,1 +1,12 @@
-"""Chapter 13's training package (hand-written index). Placeholder on branch `prune`: the lead's index replaces it at merge."""
+"""Chapter 13 (training): the loss, the optimizer, the data and the loop that train the course's model, and
+chapter 13b's pruning and distillation, which use the same loop.
+
+This file is an index, written by hand: every module it imports is generated from the notebooks
+(13_training: losses, optim, data, train). The model's modules know nothing of training: training
+imports the model, never the reverse.
+"""
+from .losses import log_softmax, cross_entropy
+from .optim import adamw_step, AdamW, cosine_schedule, clip_grad_norm
+from .data import TokenData, text_data
+from .train import init_weights, TrainLog, lm_loss, evaluate_loss, save_checkpoint, load_checkpoint, train
+from .recipe import bits_per_character, sample_text, train_text_model
