@@ -5,13 +5,14 @@
 # %% auto #0
 __all__ = ['kd_loss', 'distillation_loss', 'recovered_fraction']
 
-# %% ../../notebooks/13b_prune_distill.ipynb #94593ae1
+# %% ../../notebooks/13b_prune_distill.ipynb #51292b61
 import math
 from numbers import Real
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .losses import cross_entropy     # chapter 13's, from log-softmax
 
 
 def _check_kd_args(student_logits, teacher_logits, targets, temperature, alpha) -> None:
@@ -41,7 +42,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets:
     log_q = torch.log_softmax(s[counted] / temperature, dim=-1)           # student, softened
     log_p = torch.log_softmax(t[counted] / temperature, dim=-1)           # teacher, softened
     kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean()                   # KL(p || q), mean over positions
-    ce = F.cross_entropy(s, y, ignore_index=ignore_index)
+    ce = cross_entropy(s, y, ignore_index=ignore_index)
     return alpha * temperature ** 2 * kl + (1 - alpha) * ce
 
 # %% ../../notebooks/13b_prune_distill.ipynb #f95ad1cc
