@@ -15,7 +15,8 @@ and top-1 agreement on the evaluation tokens in windows of --context.
 Distillation table: the student trained --steps steps twice from the same pruned weights, with the same windows
 (a batch is a function of seed and step) and learning rate: cross-entropy alone, and `distillation_loss`
 (alpha·T²·KL(teacher || student) + (1 - alpha)·CE). The tied embedding/output matrix is frozen. Recovered:
-(ppl_pruned - ppl_after) / (ppl_pruned - ppl_dense).
+(ppl_pruned - ppl_after) / (ppl_pruned - ppl_dense). A last row fine-tunes the dense model itself the same way:
+what the same steps on WikiText give a model that lost nothing (domain adaptation, not recovery).
 `--only prune` reruns just the pruning table (its timings want a quiet machine).
 """
 import argparse
@@ -86,10 +87,13 @@ def distill(model, scores, train_ids, eval_ids, context, ref, args) -> dict:
     student = prune_model(model, scores, **STUDENT)
     rows = {"dense": compare_to_reference(model, eval_ids, context, ref),
             "pruned student": compare_to_reference(student, eval_ids, context, ref)}
-    for name, loss_fn in ((f"+ {args.steps} steps cross-entropy", None),
-                          (f"+ {args.steps} steps distillation (T={args.temperature}, alpha={args.alpha})",
-                           distillation_loss(model, args.temperature, args.alpha))):
-        m = copy.deepcopy(student).train()
+    runs = [(f"+ {args.steps} steps cross-entropy", student, None),
+            (f"+ {args.steps} steps distillation (T={args.temperature}, alpha={args.alpha})", student,
+             distillation_loss(model, args.temperature, args.alpha))]
+    if not args.no_dense_finetune:   # how much a few steps on WikiText help the unpruned model: domain adaptation
+        runs.append((f"dense + {args.steps} steps cross-entropy (not pruned)", model, None))
+    for name, start, loss_fn in runs:
+        m = copy.deepcopy(start).train().requires_grad_(True)
         m.tok_embeddings.weight.requires_grad_(False)                     # tied: the output matrix too
         t0 = time.perf_counter()
         train(m, data, args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, warmup_steps=0,
@@ -105,7 +109,7 @@ def print_distillation(rows: dict) -> None:
     print("| model | perplexity | KL vs dense | top-1 | recovered | s/step |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, r in rows.items():
-        rec = f"{recovered_fraction(dense, pruned, r['perplexity']):.2f}" if "steps" in name else ""
+        rec = f"{recovered_fraction(dense, pruned, r['perplexity']):.2f}" if name.startswith("+") else ""
         step = f"{r['s_per_step']:.1f}" if "s_per_step" in r else ""
         print(f"| {name} | {r['perplexity']:.2f} | {r['kl']:.3f} | {r['top1']:.3f} | {rec} | {step} |")
 
@@ -116,13 +120,15 @@ def main() -> None:
     p.add_argument("--only", choices=["prune", "distill"], help="one table only (default: both)")
     p.add_argument("--eval-tokens", type=int, default=2048)
     p.add_argument("--context", type=int, default=256)
-    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--steps", type=int, default=60)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--temperature", type=float, default=2.0)
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--repeats", type=int, default=5, help="timing runs per row (median)")
+    p.add_argument("--no-dense-finetune", action="store_true",
+                   help="skip the last row: the dense model fine-tuned on the same steps (domain adaptation)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     if args.quick:

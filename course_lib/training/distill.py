@@ -51,7 +51,7 @@ def distillation_loss(teacher: nn.Module, temperature: float = 2.0, alpha: float
     if not isinstance(teacher, nn.Module):
         raise TypeError(f"teacher must be a model (nn.Module), got {type(teacher).__name__}")
     _check_kd_args(torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), temperature, alpha)
-    teacher.eval().requires_grad_(False)
+    teacher.eval()                                                    # its own parameters stay as they are
 
     def loss_fn(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
