@@ -1629,6 +1629,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                         'course_lib/training/data.py'),
                                           'course_lib.training.data._as_token_stream': ( 'training.html#_as_token_stream',
                                                                                          'course_lib/training/data.py'),
+                                          'course_lib.training.data._window_seed': ( 'training.html#_window_seed',
+                                                                                     'course_lib/training/data.py'),
                                           'course_lib.training.data.text_data': ('training.html#text_data', 'course_lib/training/data.py')},
             'course_lib.training.losses': { 'course_lib.training.losses._check_loss_inputs': ( 'training.html#_check_loss_inputs',
                                                                                                'course_lib/training/losses.py'),
