@@ -1655,6 +1655,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                         'course_lib/training/data.py'),
                                           'course_lib.training.data._as_token_stream': ( 'training.html#_as_token_stream',
                                                                                          'course_lib/training/data.py'),
+                                          'course_lib.training.data._window_seed': ( 'training.html#_window_seed',
+                                                                                     'course_lib/training/data.py'),
                                           'course_lib.training.data.text_data': ('training.html#text_data', 'course_lib/training/data.py')},
             'course_lib.training.distill': { 'course_lib.training.distill._check_kd_args': ( 'prune_distill.html#_check_kd_args',
                                                                                              'course_lib/training/distill.py'),

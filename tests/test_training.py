@@ -427,3 +427,15 @@ def test_checkers_catch_typical_mistakes():
         onehot = F.one_hot(torch.where(keep, targets, 0), logits.shape[-1]).float()
         return (p - onehot) * keep[..., None]
     assert "divide by N" in str(checks.check_cross_entropy_grad(not_averaged))
+
+
+def test_batches_are_the_same_in_another_process():
+    "The windows of a step depend on (seed, step) only: not on the process (str hashes are salted per process)."
+    import subprocess
+    import sys
+    code = ("import torch; from course_lib.training import TokenData; "
+            "d = TokenData.split(torch.arange(5000) % 251); print(d.batch('train', 7, 4, 8, seed=3)[0].tolist())")
+    runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+            for _ in range(2)}
+    here = TokenData.split(torch.arange(5000) % 251).batch("train", 7, 4, 8, seed=3)[0].tolist()
+    assert runs == {f"{here}\n"}
