@@ -5,9 +5,10 @@
 # %% auto #0
 __all__ = ['kd_loss', 'distillation_loss', 'recovered_fraction']
 
-# %% ../../notebooks/13b_prune_distill.ipynb #51292b61
+# %% ../../notebooks/13b_prune_distill.ipynb #640d41d2
 import math
 from numbers import Real
+from typing import Callable
 
 import torch
 from torch import nn
@@ -45,8 +46,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets:
     ce = cross_entropy(s, y, ignore_index=ignore_index)
     return alpha * temperature ** 2 * kl + (1 - alpha) * ce
 
-# %% ../../notebooks/13b_prune_distill.ipynb #f95ad1cc
-def distillation_loss(teacher: nn.Module, temperature: float = 2.0, alpha: float = 0.5) -> "Callable":
+# %% ../../notebooks/13b_prune_distill.ipynb #eba63b5d
+def distillation_loss(teacher: nn.Module, temperature: float = 2.0, alpha: float = 0.5) -> Callable:
     "A loss_fn(model, inputs, targets) for course_lib's train(): kd_loss against the frozen teacher's logits."
     if not isinstance(teacher, nn.Module):
         raise TypeError(f"teacher must be a model (nn.Module), got {type(teacher).__name__}")
