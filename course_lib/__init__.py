@@ -47,4 +47,7 @@ from .moe import top_k_routing, MoEFeedForward, load_balancing_loss, active_para
 from .training import (log_softmax, cross_entropy, adamw_step, AdamW, cosine_schedule, clip_grad_norm,  # 13
                        TokenData, text_data, init_weights, TrainLog, evaluate_loss, save_checkpoint,
                        load_checkpoint, train, bits_per_character, sample_text, train_text_model)
+from .training.prune import (magnitude_mask, magnitude_prune, importance_scores, kv_group_importance,  # 13b
+                             remove_kv_groups, remove_ffn_channels, remove_layers, prune_model)
+from .training.distill import kd_loss, distillation_loss, recovered_fraction                  # 13b
 from . import check

@@ -52,3 +52,5 @@ from .checks.moe import check_keep_within_capacity as keep_within_capacity
 from .checks.training import check_log_softmax as log_softmax, check_cross_entropy as cross_entropy   # 13
 from .checks.training import check_adamw_step as adamw_step, check_cosine_schedule as cosine_schedule
 from .checks.training import check_cross_entropy_grad as cross_entropy_grad
+from .checks.prune_distill import check_magnitude_mask as magnitude_mask, check_kd_loss as kd_loss        # 13b
+from .checks.prune_distill import check_kv_group_importance as kv_group_importance, check_nm_mask as nm_mask

@@ -27,6 +27,8 @@ top_k_routing MoEFeedForward load_balancing_loss active_parameters
 tensor_parallel_logits tensor_parallel_generate shard_model ColumnParallelLinear RowParallelLinear
 log_softmax cross_entropy adamw_step AdamW cosine_schedule clip_grad_norm TokenData text_data init_weights TrainLog
 evaluate_loss save_checkpoint load_checkpoint train bits_per_character sample_text train_text_model
+magnitude_mask magnitude_prune importance_scores kv_group_importance remove_kv_groups remove_ffn_channels
+remove_layers prune_model kd_loss distillation_loss recovered_fraction
 """.split()
 
 CHECKERS = """
@@ -45,6 +47,7 @@ sse_event sampling_from_request parse_sse
 verify_greedy verify_sampled residual_distribution acceptance_probability
 top_k_routing load_balancing_loss keep_within_capacity
 log_softmax cross_entropy adamw_step cosine_schedule cross_entropy_grad
+magnitude_mask kv_group_importance kd_loss nm_mask
 """.split()
 
 
