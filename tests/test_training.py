@@ -316,8 +316,9 @@ def test_frozen_parameters_stay_and_a_custom_loss_is_used():
     def loss_fn(m, x, y):
         calls.append(x.shape)
         return cross_entropy(m(x), y) * 0.5
-    train(model, data, 4, batch_size=2, seq_len=8, loss_fn=loss_fn, progress=False)
+    log = train(model, data, 4, batch_size=2, seq_len=8, loss_fn=loss_fn, eval_every=4, eval_batches=2, progress=False)
     assert torch.equal(model.tok_embeddings.weight, frozen) and calls == [(2, 8)] * 4
+    assert log.val_loss == [evaluate_loss(model, data, n_batches=2, batch_size=2, seq_len=8)]   # cross-entropy, not loss_fn
 
 
 def test_init_weights_and_bits_per_character():

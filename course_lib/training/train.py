@@ -171,7 +171,7 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list:
     return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
-# %% ../../notebooks/13_training.ipynb #26dbf428
+# %% ../../notebooks/13_training.ipynb #0e9ab656
 def train(model: nn.Module, data: TokenData, steps: int, *, batch_size: int = 16, seq_len: int = 128,
           lr: float = 1e-3, min_lr: Optional[float] = None, warmup_steps: Optional[int] = None,
           weight_decay: float = 0.1, betas: tuple = (0.9, 0.95), grad_clip: Optional[float] = 1.0,
@@ -224,10 +224,10 @@ def train(model: nn.Module, data: TokenData, steps: int, *, batch_size: int = 16
         log.grad_norm.append(norm.item())
         if eval_every is not None and ((step + 1) % eval_every == 0 or step + 1 == steps):  # not at stop_at: a resumed run evaluates as a straight one
             log.val_steps.append(step + 1)
-            log.val_loss.append(evaluate_loss(model, data, "val", eval_batches, batch_size, seq_len, loss_fn))
-            bar.set_postfix(loss=f"{log.train_loss[-1]:.3f}", val=f"{log.val_loss[-1]:.3f}")
-        else:
-            bar.set_postfix(loss=f"{log.train_loss[-1]:.3f}")
+            log.val_loss.append(evaluate_loss(model, data, "val", eval_batches, batch_size, seq_len))  # always lm_loss
+            bar.set_postfix(loss=f"{log.train_loss[-1]:.3f}", val=f"{log.val_loss[-1]:.3f}", refresh=False)
+        else:   # refresh=False: redrawn at tqdm's own pace, not every step (a flood of messages from a notebook)
+            bar.set_postfix(loss=f"{log.train_loss[-1]:.3f}", refresh=False)
     bar.close()
     if checkpoint_dir is not None:
         save_checkpoint(checkpoint_dir, model, optimizer, stop, log, config)
