@@ -308,9 +308,11 @@ def _add_serve_command(commands) -> None:
 def _run_train(a, out=None) -> None:
     "`train`: chapter 13's recipe on a text file: tokenizer, model and checkpoints in --out."
     out = out or sys.stdout
+    import course_lib
     from course_lib.training.recipe import bits_per_character, sample_text, train_text_model   # chapter 13
+    text = a.data or Path(course_lib.__file__).resolve().parents[1] / "data" / "tinyshakespeare.txt"
     model, tokenizer, data, log = train_text_model(
-        a.data, a.out, vocab_size=a.vocab_size, dim=a.dim, n_layers=a.n_layers, n_heads=a.n_heads,
+        text, a.out, vocab_size=a.vocab_size, dim=a.dim, n_layers=a.n_layers, n_heads=a.n_heads,
         n_kv_heads=a.n_kv_heads, hidden_dim=a.hidden_dim, seq_len=a.seq_len, resume=a.resume, seed=a.seed,
         steps=a.steps, batch_size=a.batch_size, lr=a.lr, eval_every=a.eval_every or max(1, a.steps // 10),
         stop_at=a.stop_at, progress=not a.no_progress)
@@ -325,8 +327,7 @@ def _run_train(a, out=None) -> None:
 
 def _add_train_command(commands) -> None:
     p = commands.add_parser("train", help="train a small Llama on a text file (chapter 13), with resumable checkpoints")
-    default_data = Path(__file__).resolve().parents[1] / "data" / "tinyshakespeare.txt"
-    p.add_argument("--data", default=str(default_data), help="the text file (default: the course's tinyshakespeare.txt)")
+    p.add_argument("--data", default=None, help="the text file (default: the course's data/tinyshakespeare.txt)")
     p.add_argument("--out", required=True, help="the run's folder: tokenizer.model, params.json, consolidated.00.pth, training_state.pt")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--steps", type=int, default=1000, help="length of the run (and of its cosine schedule; default 1000)")
