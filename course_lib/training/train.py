@@ -171,7 +171,7 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list:
     return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
-# %% ../../notebooks/13_training.ipynb #0e9ab656
+# %% ../../notebooks/13_training.ipynb #fb12a305
 def train(model: nn.Module, data: TokenData, steps: int, *, batch_size: int = 16, seq_len: int = 128,
           lr: float = 1e-3, min_lr: Optional[float] = None, warmup_steps: Optional[int] = None,
           weight_decay: float = 0.1, betas: tuple = (0.9, 0.95), grad_clip: Optional[float] = 1.0,
@@ -202,6 +202,7 @@ def train(model: nn.Module, data: TokenData, steps: int, *, batch_size: int = 16
     stop = steps if stop_at is None else stop_at
     if start >= stop:
         raise ValueError(f"the checkpoint is at step {start}; nothing to do before step {stop}")
+    params = [p for g in optimizer.param_groups for p in g["params"]]     # what clipping sees, every step
     model.train()
     bar = tqdm(range(start, stop), initial=start, total=steps, desc="train", unit="step",
                disable=not progress, file=sys.stderr)
@@ -213,7 +214,6 @@ def train(model: nn.Module, data: TokenData, steps: int, *, batch_size: int = 16
         loss = loss_fn(model, inputs, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        params = [p for g in optimizer.param_groups for p in g["params"]]
         norm = clip_grad_norm(params, grad_clip if grad_clip else math.inf)
         optimizer.step()
         log.seconds += time.perf_counter() - t0
